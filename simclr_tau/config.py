@@ -132,6 +132,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10  # steps between metric logs (tau / loss are read from the device only then)
     save_every_epochs: int = 1
+    save_every_steps: Optional[int] = None  # also checkpoint every n optimizer steps (bounds the work lost to a kill)
     keep_last: int = 2  # checkpoints kept
     output_dir: str = "runs"
     run_name: Optional[str] = None  # default: <method>-<tau mode>-<dataset>-<backbone>-<time>
@@ -266,6 +267,10 @@ def validate_temperature(t: Any, prefix: str = "temperature") -> None:
     if t.mode == "conditional":
         if t.hidden_dim < 1 or t.depth < 1:
             raise UserError(f"{prefix}.hidden_dim and {prefix}.depth must be >= 1")
+        lo = t.tau_min if t.tau_min is not None else 0.05  # ConditionalTemperature's default bounds
+        hi = t.tau_max if t.tau_max is not None else 1.0
+        if not lo < t.init < hi:
+            raise UserError(f"{prefix}.init={t.init} must lie strictly inside (tau_min, tau_max)=({lo}, {hi}) for a conditional temperature")
     if t.mode == "scheduled":
         validate_schedule(t.schedule, f"{prefix}.schedule")
 

@@ -23,6 +23,7 @@ class SimCLR(nn.Module):
         self.encoder = encoder
         self.projector = projector
         self.temperature = temperature
+        self.last_tau: Tensor | None = None  # per-sample τ of the last batch (for histograms)
 
     def forward(self, x1: Tensor, x2: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
         # One encoder pass over both views: BatchNorm sees 2N samples, as in the reference implementation.
@@ -30,6 +31,8 @@ class SimCLR(nn.Module):
         z1, z2 = z.chunk(2, dim=0)
         tau = self.temperature(z)  # 0-d, or (2N,) per anchor for conditional τ
         loss = nt_xent(z1, z2, tau)
+        if tau.ndim == 1:
+            self.last_tau = tau.detach()
         return loss, self.temperature.stats(tau)
 
     def before_step(self, step: int) -> None:

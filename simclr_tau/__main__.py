@@ -1,0 +1,3 @@
+from simclr_tau.cli import main
+
+main()

@@ -1,0 +1,89 @@
+"""Checkpoints: one file per save, written atomically, loadable with ``torch.load(weights_only=True)``.
+
+Why not ``accelerator.save_state``: it pickles RNG states and custom objects, and reading those back
+needs ``weights_only=False``, i.e. executing whatever a checkpoint file contains. Ours holds only
+tensors and plain containers (model, optimizer, step counters, RNG state as a tensor), so loading a
+checkpoint can never run code, and a pickle payload is refused.
+
+Layout: ``<run>/checkpoints/step_00001234.pt``; the newest ``train.keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from simclr_tau.errors import UserError
+
+_NAME = re.compile(r"^step_(\d{8})\.pt$")
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return directory / f"step_{step:08d}.pt"
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same directory, fsync, then rename over ``path``.
+
+    A crash or a full disk leaves either the old file or the new one, never a half-written file; the
+    temporary file is removed on failure.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    """Load a checkpoint safely (tensors and plain containers only). Raises UserError if unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # pickle.UnpicklingError for payloads, RuntimeError/EOFError for truncation
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"{path} was refused: it contains pickled objects beyond tensors ({first[:200]})") from None
+        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt): {first[:200]}") from None
+
+
+def list_checkpoints(directory: Path) -> List[Path]:
+    """Checkpoints in ``directory``, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
+
+
+def latest_valid_checkpoint(directory: Path) -> Optional[Path]:
+    """The newest checkpoint that loads; corrupt or truncated ones are skipped with a warning."""
+    for p in reversed(list_checkpoints(directory)):
+        try:
+            load_checkpoint(p)
+            return p
+        except UserError as e:
+            warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
+    return None
+
+
+def prune(directory: Path, keep_last: int) -> None:
+    for p in list_checkpoints(directory)[:-keep_last]:
+        p.unlink(missing_ok=True)

@@ -1,0 +1,167 @@
+"""End-to-end pretraining on the synthetic dataset: τ modes, resume, multi-process equivalence, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from simclr_tau.config import load_config
+from simclr_tau.train.checkpoint import list_checkpoints, load_checkpoint
+from simclr_tau.train.pretrain import run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "synthetic_tiny.yaml")
+# A BatchNorm-free model: without SyncBN (GPU-only in torch), BN statistics would differ between one
+# process with 2N samples and two with N each, so exact multi-process equivalence needs no BN.
+BN_FREE = [
+    "model.backbone=vit_tiny_patch16_224",
+    "model.backbone_kwargs={img_size: 16, patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2}",
+    "model.small_stem=false",
+    "model.proj_bn=false",
+]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_cfg(tmp_path: Path, *overrides: str):
+    return load_config(TINY, [f"train.output_dir={tmp_path}", *overrides])
+
+
+TAU_MODES = {
+    "fixed": ["temperature.mode=fixed", "temperature.init=0.2"],
+    "learnable-log": ["temperature.mode=learnable", "temperature.parametrization=log", "optim.lr=2.0"],
+    "learnable-softplus": ["temperature.mode=learnable", "temperature.parametrization=softplus", "optim.lr=2.0"],
+    "learnable-relu": ["temperature.mode=learnable", "temperature.parametrization=relu", "optim.lr=2.0"],
+    "conditional": ["temperature.mode=conditional", "optim.lr=2.0"],
+    "scheduled": ["temperature.mode=scheduled", "temperature.schedule.kind=linear",
+                  "temperature.schedule.start=0.5", "temperature.schedule.end=0.1"],
+}
+
+
+@pytest.mark.parametrize("mode", list(TAU_MODES))
+def test_every_tau_mode_trains_and_logs_tau(tmp_path: Path, mode: str) -> None:
+    cfg = tiny_cfg(tmp_path, f"train.run_name={mode}", *TAU_MODES[mode])
+    result = run(cfg)
+    rows = metrics(result.run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in rows)
+    if mode == "conditional":
+        taus = [r["train/tau_mean"] for r in rows]
+        eps = 1e-6  # the mean of equal float32 values can exceed them in the last bit
+        assert all(0.05 < r["train/tau_min"] <= r["train/tau_mean"] + eps <= r["train/tau_max"] + 2 * eps < 1.0 for r in rows)
+        assert rows[-1]["train/tau_std"] > 0  # per-sample τ really differs between samples after training
+    else:
+        taus = [r["train/tau"] for r in rows]
+    if mode == "fixed":
+        assert taus == pytest.approx([0.2] * 4)
+    elif mode == "scheduled":
+        # τ is set before each step: step s (0-based) uses 0.5 + (0.1 - 0.5) * s / 4; the row of step s+1 shows it
+        assert taus == pytest.approx([0.5 - 0.4 * s / 4 for s in range(4)], rel=1e-6)
+    else:
+        assert taus[-1] != pytest.approx(0.1, abs=1e-6)  # a trained τ moved away from its init
+    assert (result.run_dir / "encoder.safetensors").is_file()
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["step"] == 4 and summary["config"]["temperature.mode"] == cfg.temperature.mode
+
+
+def _final_state(run_dir: Path) -> dict:
+    return load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["model"]
+
+
+@pytest.mark.parametrize("resume_step", [4, 6])  # end of epoch 1, and mid-epoch 2
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path, resume_step: int) -> None:
+    common = ["train.epochs=2", "train.save_every_steps=2", "train.keep_last=10", "train.deterministic=true"]
+    full = run(tiny_cfg(tmp_path, "train.run_name=full", *common))
+    assert full.step == 8
+    # An interrupted run: all it has left is the checkpoint at resume_step (and its log up to there + junk after).
+    part_dir = tmp_path / "part"
+    (part_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(full.run_dir / "checkpoints" / f"step_{resume_step:08d}.pt", part_dir / "checkpoints")
+    shutil.copy(full.run_dir / "metrics.jsonl", part_dir / "metrics.jsonl")
+    resumed = run(tiny_cfg(tmp_path, "train.run_name=part", *common), resume="auto")
+    assert resumed.step == 8
+    a, b = _final_state(full.run_dir), _final_state(part_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+    # the log has each step exactly once, and the redone steps carry the same losses
+    rows_full, rows_part = metrics(full.run_dir), metrics(part_dir)
+    assert [r["step"] for r in rows_part] == list(range(1, 9))
+    assert [r["train/loss"] for r in rows_part] == [r["train/loss"] for r in rows_full]
+
+
+def test_a_fresh_run_refuses_to_overwrite_an_existing_run(tmp_path: Path) -> None:
+    run(tiny_cfg(tmp_path, "train.run_name=x", "train.max_steps=1"))
+    with pytest.raises(ValueError, match="already holds a run"):
+        run(tiny_cfg(tmp_path, "train.run_name=x", "train.max_steps=1"))
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_per_step_losses_as_one(tmp_path: Path) -> None:
+    """A real 2-process gloo group (torchrun) vs one process, same global batch and seeds."""
+    overrides = [*BN_FREE, "train.epochs=2", "temperature.mode=learnable", "optim.lr=1.0", "optim.warmup_epochs=0.5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    cmd = ["-m", "simclr_tau.pretrain", TINY, f"train.output_dir={tmp_path}", *overrides]
+    one = subprocess.run([sys.executable, *cmd, "train.run_name=one"], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(free_port()), *cmd, "train.run_name=two"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1, r2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in r1] == [r["step"] for r in r2] == list(range(1, 9))
+    for a, b in zip(r1, r2):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5), (a, b)
+        assert b["train/tau"] == pytest.approx(a["train/tau"], rel=1e-5), (a, b)
+    assert r1[-1]["train/tau"] != pytest.approx(r1[0]["train/tau"], rel=1e-3)  # τ did train
+
+
+BAD_INPUT = {
+    "missing dataset": (["data.name=fashion_mnist", "data.root=/nonexistent/fmnist"], "no Fashion-MNIST idx files"),
+    "unknown timm model": (["model.backbone=resnet19"], "is not a timm model"),
+    "unknown config key": (["train.epochz=3"], "train.epochz"),
+    "wrong value type": (["train.epochs=many"], "train.epochs"),
+    "batch larger than dataset": (["train.batch_size=128"], "larger than the dataset"),
+    "bad tau bounds": (["temperature.mode=learnable", "temperature.tau_min=0.5", "temperature.tau_max=0.1"], "tau_min"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_a_one_line_error_with_exit_code_2(tmp_path: Path, capsys, case: str) -> None:
+    from simclr_tau.cli import main
+
+    overrides, expected = BAD_INPUT[case]
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", TINY, f"train.output_dir={tmp_path}", *overrides])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert expected in err
+
+
+def test_console_script_reports_a_bad_config_file_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  bogus_key: 1\n")
+    proc = subprocess.run([sys.executable, "-m", "simclr_tau", "pretrain", str(bad)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "train.bogus_key" in proc.stderr and str(bad) in proc.stderr

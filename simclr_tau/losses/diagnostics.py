@@ -15,15 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from simclr_tau.losses.nt_xent import upcast
+
 
 def alignment(x: Tensor, y: Tensor, alpha: float = 2.0) -> Tensor:
     """Mean ‖x_i − y_i‖^α over positive pairs (rows of x and y), after L2 normalization."""
-    x, y = F.normalize(x.float(), dim=1), F.normalize(y.float(), dim=1)
+    x, y = F.normalize(upcast(x), dim=1), F.normalize(upcast(y), dim=1)
     return (x - y).norm(dim=1).pow(alpha).mean()
 
 
 def uniformity(x: Tensor, t: float = 2.0) -> Tensor:
     """log of the mean Gaussian potential exp(−t‖x_i − x_j‖²) over distinct pairs i < j."""
-    x = F.normalize(x.float(), dim=1)
+    x = F.normalize(upcast(x), dim=1)
     sq = torch.pdist(x, p=2).pow(2)  # n(n-1)/2 pairwise squared distances
     return torch.logsumexp(-t * sq, dim=0) - math.log(sq.numel())

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from simclr_tau.losses.nt_xent import TauLike, check_tau
+from simclr_tau.losses.nt_xent import TauLike, check_tau, upcast
 
 
 def _col(tau: Tensor | float) -> Tensor | float:
     """A per-sample τ of shape (B,) as a column (B, 1) so it scales its row."""
     if isinstance(tau, Tensor) and tau.ndim == 1:
-        return tau.float()[:, None]
+        return upcast(tau)[:, None]
     return tau
 
 
@@ -38,8 +38,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: TauLike) -> Tenso
     T = check_tau(T, student_logits.shape[0], "T")
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         Tc = _col(T)
-        log_p_s = F.log_softmax(student_logits.float() / Tc, dim=1)
-        log_p_t = F.log_softmax(teacher_logits.detach().float() / Tc, dim=1)
+        log_p_s = F.log_softmax(upcast(student_logits) / Tc, dim=1)
+        log_p_t = F.log_softmax(upcast(teacher_logits.detach()) / Tc, dim=1)
         kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)  # B
         t2 = Tc.squeeze(1) ** 2 if isinstance(Tc, Tensor) and Tc.ndim == 2 else Tc**2
         return (t2 * kl).mean()
@@ -58,9 +58,9 @@ def relational_kd_loss(
     tau_s = check_tau(tau_s, student.shape[0], "tau_s")
     tau_t = check_tau(tau_t, student.shape[0], "tau_t")
     with torch.autocast(device_type=student.device.type, enabled=False):
-        s = F.normalize(student.float(), dim=1)
-        t = F.normalize(teacher.detach().float(), dim=1)
-        anchors = t if queue is None else torch.cat([F.normalize(queue.detach().float(), dim=1), t], dim=0)  # (K+B) x D
+        s = F.normalize(upcast(student), dim=1)
+        t = F.normalize(upcast(teacher.detach()), dim=1)
+        anchors = t if queue is None else torch.cat([F.normalize(upcast(queue.detach()), dim=1), t], dim=0)  # (K+B) x D
         sim_s = s @ anchors.T  # B x (K+B)
         sim_t = t @ anchors.T
         # Only the sample's own teacher embedding joins the queue (not the other samples of the batch).
@@ -69,8 +69,9 @@ def relational_kd_loss(
         keep = torch.ones_like(sim_s, dtype=torch.bool)
         keep[:, k:] = False
         keep[torch.arange(t.shape[0]), own] = True
-        sim_s = sim_s.masked_fill(~keep, float("-inf"))
-        sim_t = sim_t.masked_fill(~keep, float("-inf"))
-        p_t = F.softmax(sim_t / _col(tau_t), dim=1)
-        log_p_s = F.log_softmax(sim_s / _col(tau_s), dim=1)
+        # Scale, then mask: −inf / τ would send a NaN gradient into a learnable τ.
+        logits_s = (sim_s / _col(tau_s)).masked_fill(~keep, float("-inf"))
+        logits_t = (sim_t / _col(tau_t)).masked_fill(~keep, float("-inf"))
+        p_t = F.softmax(logits_t, dim=1)
+        log_p_s = F.log_softmax(logits_s, dim=1)
         return -(p_t * log_p_s.masked_fill(~keep, 0.0)).sum(dim=1).mean()

@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from simclr_tau.distributed import all_gather_no_grad, rank_and_world
-from simclr_tau.losses.nt_xent import TauLike, check_tau
+from simclr_tau.losses.nt_xent import TauLike, check_tau, upcast
 
 
 def _scale(logits: Tensor, tau: Tensor | float) -> Tensor:
     if isinstance(tau, Tensor):
-        tau = tau.float()
+        tau = upcast(tau)
         return logits / (tau[:, None] if tau.ndim == 1 else tau)
     return logits / tau
 
@@ -41,11 +41,11 @@ def info_nce(q: Tensor, k: Tensor, queue: Optional[Tensor], tau: TauLike) -> Ten
         raise ValueError(f"queue must have shape (K, {q.shape[1]}); got {tuple(queue.shape)}")
     tau = check_tau(tau, q.shape[0])
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q = F.normalize(q.float(), dim=1)
-        k = F.normalize(k.detach().float(), dim=1)
+        q = F.normalize(upcast(q), dim=1)
+        k = F.normalize(upcast(k.detach()), dim=1)
         pos = (q * k).sum(dim=1, keepdim=True)  # N x 1
         if queue is not None:
-            neg = q @ F.normalize(queue.detach().float(), dim=1).T  # N x K
+            neg = q @ F.normalize(upcast(queue.detach()), dim=1).T  # N x K
             logits = torch.cat([pos, neg], dim=1)  # N x (1 + K)
         else:
             logits = pos
@@ -65,8 +65,8 @@ def info_nce_in_batch(q: Tensor, k: Tensor, tau: TauLike, gather: bool = True) -
         raise ValueError(f"q and k must both have shape (N, D); got {tuple(q.shape)} and {tuple(k.shape)}")
     tau = check_tau(tau, q.shape[0])
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q = F.normalize(q.float(), dim=1)
-        k = F.normalize(k.detach().float(), dim=1)
+        q = F.normalize(upcast(q), dim=1)
+        k = F.normalize(upcast(k.detach()), dim=1)
         rank, world = rank_and_world() if gather else (0, 1)
         keys = all_gather_no_grad(k) if world > 1 else k  # NW x D
         logits = _scale(q @ keys.T, tau)  # N x NW

@@ -23,6 +23,15 @@ from simclr_tau.distributed import all_gather_with_grad, rank_and_world
 TauLike = Union[float, Tensor]
 
 
+def upcast(x: Tensor) -> Tensor:
+    """``x`` in at least float32: half precision (and integers) become float32, float64 stays float64.
+
+    Losses compute in this precision so that bf16/fp16 activations never reach a softmax, while float64
+    inputs (gradcheck, reference checks) keep float64 end to end.
+    """
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def check_tau(tau: TauLike, num_anchors: int, name: str = "tau") -> Tensor | float:
     """Validate a scalar or per-anchor τ. Raises ValueError naming the expected shape."""
     if isinstance(tau, Tensor):
@@ -48,7 +57,7 @@ def nt_xent(z1: Tensor, z2: Tensor, tau: TauLike, gather: bool = True) -> Tensor
             after DDP's gradient averaging, exactly the loss and gradient of one process with W·N pairs.
 
     Returns:
-        The mean of ℓ_i over the local 2N anchors (a 0-d float32 tensor).
+        The mean of ℓ_i over the local 2N anchors (a 0-d tensor: float32, or float64 for float64 inputs).
 
     Example:
         >>> z = torch.randn(8, 16)
@@ -59,14 +68,14 @@ def nt_xent(z1: Tensor, z2: Tensor, tau: TauLike, gather: bool = True) -> Tensor
         raise ValueError(f"z1 and z2 must both have shape (N, D); got {tuple(z1.shape)} and {tuple(z2.shape)}")
     n = z1.shape[0]
     tau = check_tau(tau, 2 * n)
-    # Similarities in float32 even under autocast: bf16 logits at τ = 0.01 lose the positive's margin.
+    # Similarities in (at least) float32 even under autocast: bf16 logits at τ = 0.01 lose the positive's margin.
     with torch.autocast(device_type=z1.device.type, enabled=False):
-        u = F.normalize(torch.cat([z1, z2], dim=0).float(), dim=1)  # local anchors: 2N x D
+        u = F.normalize(upcast(torch.cat([z1, z2], dim=0)), dim=1)  # local anchors: 2N x D
         rank, world = rank_and_world() if gather else (0, 1)
         candidates = all_gather_with_grad(u) if world > 1 else u  # 2NW x D, rank-major: [z1_r; z2_r]
         logits = u @ candidates.T  # 2N x 2NW cosine similarities
         if isinstance(tau, Tensor):
-            tau = tau.float()
+            tau = upcast(tau)
             logits = logits / (tau[:, None] if tau.ndim == 1 else tau)
         else:
             logits = logits / tau

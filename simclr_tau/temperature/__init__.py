@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from simclr_tau.config import TemperatureConfig, validate_temperature
+from simclr_tau.config import ScheduleConfig, TemperatureConfig, validate_temperature
 from simclr_tau.temperature.modules import (
     ConditionalTemperature,
     FixedTemperature,
@@ -35,6 +35,9 @@ def build_temperature(
     Raises :class:`~simclr_tau.errors.UserError` naming the field for an invalid config.
     """
     if isinstance(cfg, dict):
+        cfg = dict(cfg)
+        if isinstance(cfg.get("schedule"), dict):  # a nested plain dict, as in the YAML
+            cfg["schedule"] = ScheduleConfig(**cfg["schedule"])
         cfg = TemperatureConfig(**cfg)
     validate_temperature(cfg, prefix)
     if cfg.mode == "fixed":

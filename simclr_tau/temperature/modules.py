@@ -179,10 +179,13 @@ class ConditionalTemperature(Temperature):
     def forward(self, embeddings: Optional[Tensor] = None) -> Tensor:
         if embeddings is None or embeddings.ndim != 2:
             raise ValueError("ConditionalTemperature needs embeddings of shape (B, D)")
-        x = F.normalize(embeddings.float(), dim=1)
+        # The head's own precision (float32, or float64 after .double()), whatever the embeddings' dtype.
+        x = F.normalize(embeddings.to(self.mlp[0].weight.dtype), dim=1)
         if self.detach_input:
             x = x.detach()
-        h = self.mlp(x).squeeze(1)  # (B,)
+        # A tiny head: run it outside autocast so τ keeps full precision (bf16 would round τ by ~0.4%).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            h = self.mlp(x).squeeze(1)  # (B,)
         return self.tau_min + (self.tau_max - self.tau_min) * torch.sigmoid(h)
 
 

@@ -66,7 +66,8 @@ class DataConfig:
     channels: str = "native"  # native: in_chans as stored (1 for grayscale) | rgb: repeat grayscale to 3
     image_size: Optional[int] = None  # None = the dataset's native size
     subset: Optional[int] = None  # use only the first n training images (debugging, tests)
-    num_workers: int = 2  # DataLoader worker processes per training process
+    pipeline: str = "auto"  # auto | batched (uint8 dataset on the device, augmented in batches) | dataloader (per-sample torchvision in workers); auto = batched for in-memory datasets
+    num_workers: int = 2  # DataLoader worker processes per training process (dataloader pipeline)
     synthetic_size: int = 256  # synthetic: number of images
     synthetic_classes: int = 4  # synthetic: number of classes
     synthetic_image_size: int = 16  # synthetic: side in pixels
@@ -78,7 +79,7 @@ class AugmentConfig:
 
     crop_scale_min: Optional[float] = None  # random resized crop scale (min, 1.0); default 0.08 (>=96 px) / 0.2 (small)
     flip_p: float = 0.5
-    jitter_strength: float = 1.0  # s: brightness/contrast/saturation 0.8 s, hue 0.2 s ... scaled so s=0.5 gives 0.4/0.4/0.4/0.1
+    jitter_strength: float = 1.0  # s: brightness/contrast/saturation 0.4 s, hue 0.1 s; s=1 is SimCLR's CIFAR 0.4/0.4/0.4/0.1 (the paper's 0.8 s'/0.2 s' with s'=0.5)
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: Optional[float] = None  # default 0.5 at >= 96 px, 0 below (blur destroys 28-32 px images)
@@ -280,6 +281,7 @@ def validate(cfg: Any) -> None:
     validate_temperature(cfg.temperature)
     _choice(cfg.data.name, "data.name", DATASETS)
     _choice(cfg.data.channels, "data.channels", ("native", "rgb"))
+    _choice(cfg.data.pipeline, "data.pipeline", ("auto", "batched", "dataloader"))
     _choice(cfg.train.method, "train.method", METHODS)
     _choice(cfg.train.mixed_precision, "train.mixed_precision", ("no", "bf16", "fp16"))
     _choice(cfg.optim.name, "optim.name", ("sgd", "adamw", "lars"))

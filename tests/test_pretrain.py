@@ -36,6 +36,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_proc(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; on timeout kill the whole group (torchrun's workers too)."""
+    import signal
+
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s: {' '.join(args)}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -85,9 +100,11 @@ def _final_state(run_dir: Path) -> dict:
     return load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["model"]
 
 
-@pytest.mark.parametrize("resume_step", [4, 6])  # end of epoch 1, and mid-epoch 2
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path, resume_step: int) -> None:
-    common = ["train.epochs=2", "train.save_every_steps=2", "train.keep_last=10", "train.deterministic=true"]
+@pytest.mark.parametrize("resume_step, pipeline", [(4, "batched"), (6, "batched"), (6, "dataloader")])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path, resume_step: int, pipeline: str) -> None:
+    """Resume at the end of epoch 1 or mid-epoch 2, with either data pipeline."""
+    common = ["train.epochs=2", "train.save_every_steps=2", "train.keep_last=10", "train.deterministic=true",
+              f"data.pipeline={pipeline}"]
     full = run(tiny_cfg(tmp_path, "train.run_name=full", *common))
     assert full.step == 8
     # An interrupted run: all it has left is the checkpoint at resume_step (and its log up to there + junk after).
@@ -120,11 +137,10 @@ def test_two_processes_give_the_same_per_step_losses_as_one(tmp_path: Path) -> N
     overrides = [*BN_FREE, "train.epochs=2", "temperature.mode=learnable", "optim.lr=1.0", "optim.warmup_epochs=0.5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
     cmd = ["-m", "simclr_tau.pretrain", TINY, f"train.output_dir={tmp_path}", *overrides]
-    one = subprocess.run([sys.executable, *cmd, "train.run_name=one"], env=env, capture_output=True, text=True, timeout=300)
+    one = run_proc([sys.executable, *cmd, "train.run_name=one"], env)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(free_port()), *cmd, "train.run_name=two"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    two = run_proc([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", str(free_port()), *cmd, "train.run_name=two"], env)
     assert two.returncode == 0, two.stderr[-3000:]
     r1, r2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r["step"] for r in r1] == [r["step"] for r in r2] == list(range(1, 9))

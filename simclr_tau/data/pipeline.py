@@ -18,8 +18,8 @@ from torch.utils.data import Dataset, Sampler
 from simclr_tau.data.datasets import ImageDataset
 
 
-def _mix(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed for one sample of one epoch (SeedSequence hashing)."""
+def mix_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed from a few integers, e.g. (seed, epoch, sample) (SeedSequence hashing)."""
     state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
@@ -62,5 +62,5 @@ class TwoViewDataset(Dataset):
         x, y = self.base[i]
         # torchvision's v2 transforms draw from the global RNG: seed it per sample (the worker's
         # own stream is irrelevant then, which is what makes the views process-layout-independent).
-        torch.manual_seed(_mix(self.seed, epoch, i))
+        torch.manual_seed(mix_seed(self.seed, epoch, i))
         return self.view(x), self.view(x), y

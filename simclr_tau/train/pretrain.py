@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader
 
 from simclr_tau.config import to_yaml
 from simclr_tau.data.augment import simclr_view_transform
+from simclr_tau.data.batch_augment import BatchAugment
 from simclr_tau.data.datasets import build_pretrain_dataset, normalization
-from simclr_tau.data.pipeline import EpochSampler, TwoViewDataset
+from simclr_tau.data.pipeline import EpochSampler, TwoViewDataset, mix_seed
 from simclr_tau.errors import UserError
 from simclr_tau.methods import build_method
 from simclr_tau.models.export import save_encoder
@@ -124,9 +125,20 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
         total_steps = min(total_steps, tc.max_steps)
     image_size = cfg.data.image_size or dataset.image_size
     norm = normalization(cfg.data.name, dataset)
-    view = simclr_view_transform(cfg.augment, image_size, dataset.channels, norm.mean, norm.std)
-    loader = _ShardedLoader(TwoViewDataset(dataset, view, tc.seed), EpochSampler(len(dataset), tc.seed), micro,
-                            world, accelerator.process_index, cfg.data.num_workers)
+    sampler = EpochSampler(len(dataset), tc.seed)
+    pipeline = cfg.data.pipeline
+    if pipeline == "auto":
+        pipeline = "batched" if dataset.images is not None else "dataloader"
+    if pipeline == "batched":
+        if dataset.images is None:
+            raise UserError("data.pipeline=batched needs an in-memory dataset; use data.pipeline=dataloader for imagefolder")
+        augment = BatchAugment(cfg.augment, image_size, dataset.channels, norm.mean, norm.std)
+        loader: Any = _BatchedLoader(dataset.images, augment, sampler, micro, world, accelerator.process_index,
+                                     tc.seed, accelerator.device)
+    else:
+        view = simclr_view_transform(cfg.augment, image_size, dataset.channels, norm.mean, norm.std)
+        loader = _ShardedLoader(TwoViewDataset(dataset, view, tc.seed), sampler, micro, world,
+                                accelerator.process_index, cfg.data.num_workers)
 
     # ---- model, optimizer --------------------------------------------------------------------
     method = build_method(cfg, dataset.channels, steps_per_epoch, total_steps)
@@ -303,6 +315,41 @@ def _last_metric(run_dir: Path, key: str) -> Optional[float]:
             if key in row:
                 value = row[key]
     return value
+
+
+class _BatchedLoader:
+    """The fast path for in-memory datasets: the uint8 images live on the training device and both views
+    are augmented there in one vectorized call per view (no per-image Python work).
+
+    Augmentation parameters are drawn for the whole *global* micro-batch from a generator seeded by
+    ``(seed, epoch, micro-batch, view)`` and each rank keeps its slice, so the views (like the batches)
+    do not depend on the number of processes, and a resumed run redraws exactly the same ones.
+    """
+
+    def __init__(self, images: torch.Tensor, augment: BatchAugment, sampler: EpochSampler, micro: int, world: int,
+                 rank: int, seed: int, device: torch.device) -> None:
+        self.images = images.to(device)
+        self.augment = augment.to(device)
+        self.sampler, self.micro, self.world, self.rank, self.seed, self.device = sampler, micro, world, rank, seed, device
+
+    def epoch(self, epoch: int, skip_steps: int, accum: int):
+        self.sampler.set_epoch(epoch)
+        order = torch.tensor([i for _, i in self.sampler], dtype=torch.long)
+        n_steps = len(order) // self.micro // accum
+        per = self.micro // self.world
+        lo, hi = self.rank * per, (self.rank + 1) * per
+        gen = torch.Generator(device=self.device)
+        for s in range(skip_steps, n_steps):
+            group = []
+            for b in range(s * accum, (s + 1) * accum):
+                x = self.images[order[b * self.micro + lo: b * self.micro + hi].to(self.device)]
+                views = []
+                for v in (0, 1):
+                    gen.manual_seed(mix_seed(self.seed, epoch, 2 * b + v))
+                    params = self.augment.sample_params(self.micro, gen, self.device, input_size=x.shape[-2:])
+                    views.append(self.augment.apply(x, {k: t[lo:hi] for k, t in params.items()}))
+                group.append((views[0], views[1]))
+            yield group
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -181,3 +181,24 @@ def test_console_script_reports_a_bad_config_file_without_traceback(tmp_path: Pa
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "train.bogus_key" in proc.stderr and str(bad) in proc.stderr
+
+
+def test_online_knn_is_logged_and_drives_a_plateau_schedule(tmp_path: Path) -> None:
+    cfg = tiny_cfg(tmp_path, "train.run_name=knn", "train.epochs=3", "eval.online_knn_every=1", "eval.knn_k=[5]",
+                   "eval.knn_t=[0.1]", "temperature.mode=scheduled", "temperature.schedule.kind=plateau",
+                   "temperature.schedule.start=0.5", "temperature.schedule.end=0.05", "temperature.schedule.patience=1",
+                   "temperature.schedule.gamma=0.5")
+    result = run(cfg)
+    rows = [r for r in metrics(result.run_dir) if "knn/top1_k5_t0.1" in r]
+    assert [r["step"] for r in rows] == [4, 8, 12]
+    accs = [r["knn/top1_k5_t0.1"] for r in rows]
+    assert all(0.0 <= a <= 100.0 for a in accs)  # percent
+    # τ after the run = 0.5 · 0.5^(drops); a drop happens after each evaluation that does not improve the best
+    best, drops = None, 0
+    for a in accs[:-1]:  # the last evaluation's drop would act after the final step
+        if best is None or a > best:
+            best = a
+        else:
+            drops += 1
+    taus = [r["train/tau"] for r in metrics(result.run_dir) if "train/tau" in r]
+    assert taus[-1] == pytest.approx(0.5 * 0.5**drops)

@@ -183,6 +183,20 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
             prune(ckpt_dir, tc.keep_last)
         accelerator.wait_for_everyone()
 
+    eval_data: Dict[str, Any] = {}
+
+    def online_eval(step: int) -> Dict[str, float]:
+        """kNN top-1 of the current encoder on the test split (memory bank: a train subset)."""
+        from simclr_tau.data.augment import eval_transform
+        from simclr_tau.data.datasets import build_eval_datasets
+        from simclr_tau.evaluation.knn import online_knn
+
+        if not eval_data:
+            eval_data["train"], eval_data["test"] = build_eval_datasets(cfg.data)
+            eval_data["tf"] = eval_transform(image_size, dataset.channels, norm.mean, norm.std)
+        return online_knn(core.encoder, eval_data["train"], eval_data["test"], eval_data["tf"], list(cfg.eval.knn_k),
+                          list(cfg.eval.knn_t), cfg.eval.online_knn_subset, accelerator, cfg.eval.batch_size, tc.seed)
+
     # ---- loop ---------------------------------------------------------------------------------
     device = accelerator.device
     loss_sum = torch.zeros((), device=device)
@@ -237,6 +251,11 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
                                      if k in ("train/loss", "train/tau", "train/tau_mean", "train/images_per_s")})
                     loss_sum.zero_()
                     t_log, last_log_step = now, step
+                if end_of_epoch and cfg.eval.online_knn_every and (step // steps_per_epoch) % cfg.eval.online_knn_every == 0:
+                    knn = online_eval(step)
+                    record.log(knn, step, step / steps_per_epoch)
+                    # a plateau τ schedule monitors the first (k, T) pair's top-1
+                    core.temperature.observe(next(iter(knn.values())))
                 if ((end_of_epoch and (step // steps_per_epoch) % tc.save_every_epochs == 0) or step == total_steps
                         or (tc.save_every_steps and step % tc.save_every_steps == 0)):
                     save(step)

@@ -11,6 +11,14 @@ so the local record is the source of truth. ``wandb.mode=auto`` runs online when
 and offline otherwise; any W&B failure (no network, bad host, bad key) is reported once as a warning and
 training continues with the local record only.
 
+Naming convention (:func:`run_tags`): run name ``<method>-<tau mode>-<dataset>-<backbone>-<time>`` (unless
+``train.run_name``), W&B group ``<dataset>-<backbone>`` (unless ``wandb.group``), job type ``<method>``, tags
+``method:…``, ``tau_mode:…``, ``dataset:…``, ``backbone:…`` (+ ``tau_schedule:…`` for a scheduled τ) and
+``wandb.tags``. The config goes to W&B nested: W&B shows it flattened as ``temperature.mode`` etc., and, unlike
+literal dotted keys, nested keys can be filtered server-side (``{"config.temperature.mode": "fixed"}``).
+``summary.json`` holds, like a W&B run summary, the last logged value of every metric, overlaid by the
+evaluation results. See docs/TRACKING.md.
+
 W&B is driven through ``wandb`` directly rather than Accelerate's ``WandBTracker`` (a thin wrapper over
 the same ``wandb.init``/``log``): we need resume-by-id, ``define_metric`` and failure isolation, which the
 wrapper does not expose; like Accelerate, only the main process talks to W&B.
@@ -26,6 +34,9 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from simclr_tau.config import flatten
+
+# Seconds wandb.init may wait for the server before the run goes on with the local record only.
+INIT_TIMEOUT_ENV = "SIMCLR_TAU_WANDB_INIT_TIMEOUT"
 
 
 def _jsonable(v: Any) -> Any:
@@ -55,12 +66,30 @@ def wandb_mode(requested: str) -> str:
 
 def run_tags(cfg: Any) -> Dict[str, Any]:
     """The naming / grouping convention shared by run names, W&B groups and tags."""
-    return {
+    tags = {
         "method": cfg.train.method,
         "tau_mode": cfg.temperature.mode,
         "dataset": cfg.data.name,
         "backbone": cfg.model.backbone,
     }
+    if cfg.temperature.mode == "scheduled":  # "scheduled" alone does not say cosine from linear
+        tags["tau_schedule"] = cfg.temperature.schedule.kind
+    return tags
+
+
+def _init_timeout() -> float:
+    try:
+        return float(os.environ.get(INIT_TIMEOUT_ENV, 30))
+    except ValueError:
+        return 30.0
+
+
+def _nested_config(cfg: Any) -> Dict[str, Any]:
+    if isinstance(cfg, dict):
+        return dict(cfg)
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 class RunRecord:
@@ -73,6 +102,7 @@ class RunRecord:
         self.cfg = cfg
         self.wandb_run = None
         self.wandb_id = wandb_id
+        self._last: Dict[str, Any] = {}  # last logged value of each metric (W&B's default summary)
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -95,10 +125,10 @@ class RunRecord:
                 group=self.cfg.wandb.group or f"{tags['dataset']}-{tags['backbone']}",
                 job_type=tags["method"],
                 tags=[f"{k}:{v}" for k, v in tags.items()] + list(self.cfg.wandb.tags),
-                config=flatten(self.cfg),
+                config=_nested_config(self.cfg),
                 dir=str(self.run_dir),
                 mode=mode,
-                settings=wandb.Settings(init_timeout=30, silent=True, console="off"),
+                settings=wandb.Settings(init_timeout=_init_timeout(), silent=True, console="off"),
             )
             self.wandb_id = self.wandb_run.id
             # τ curves against the optimizer step, everything else too: one x-axis for all panels.
@@ -115,6 +145,7 @@ class RunRecord:
         row = {"step": int(step), "epoch": round(float(epoch), 4)}
         row.update({k: _jsonable(v) for k, v in metrics.items()})
         self._metrics.write(json.dumps(row) + "\n")
+        self._last.update({k: v for k, v in row.items() if k not in ("step", "epoch")})
         if self.wandb_run is not None:
             try:
                 self.wandb_run.log(row)
@@ -134,11 +165,12 @@ class RunRecord:
             pass
 
     def update_summary(self, values: Mapping[str, Any]) -> None:
-        """Merge ``values`` into summary.json (and the W&B run summary)."""
+        """Merge the last logged metrics and ``values`` into summary.json (and the W&B run summary)."""
         if not self.is_main:
             return
         path = self.run_dir / "summary.json"
         summary = json.loads(path.read_text()) if path.exists() else {}
+        summary.update(self._last)
         summary.update({k: _jsonable(v) for k, v in values.items()})
         summary.setdefault("run_name", self.run_name)
         summary["config"] = flatten(self.cfg)

@@ -1,0 +1,209 @@
+"""Comparison plots (matplotlib, Agg): every run on shared axes, one colour per run in every figure.
+
+Each function writes one PNG and returns its path, or returns None with the reason in ``notes`` when no run
+has the data (e.g. no online kNN rows). Legends name the runs and sit below the axes, where long run names
+(``simclr-fixed-fashion_mnist-regnetx_002-20260101-120000``) do not cover the curves.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    from simclr_tau.compare import RunData
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, safe in threads and on servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def run_colors(runs: Sequence["RunData"]) -> Dict[str, Any]:
+    plt = _plt()
+    cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    return {r.name: cmap(i % cmap.N) for i, r in enumerate(runs)}
+
+
+def _legend_below(fig: Any, handles: List[Any], labels: List[str]) -> None:
+    ncol = 1 if max((len(s) for s in labels), default=0) > 45 or len(labels) <= 2 else 2
+    legend = fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
+    fig.canvas.draw()  # measure the legend, then give the axes the rest of the figure
+    frac = legend.get_window_extent().height / fig.bbox.height
+    fig.tight_layout(rect=(0, min(0.6, frac + 0.01), 1, 1))
+
+
+def _integer_x(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def line_styles(runs: Sequence["RunData"]) -> Dict[str, Dict[str, Any]]:
+    """Per run: its colour, a marker, and a line that gets thinner run by run, so that runs with identical
+    curves (ties are common in kNN accuracy) still show every colour: the later, thinner line on top."""
+    colors, n = run_colors(runs), max(len(runs) - 1, 1)
+    return {r.name: {"color": colors[r.name], "marker": MARKERS[i % len(MARKERS)], "linewidth": 3.2 - 1.6 * i / n,
+                     "markersize": 8.0 - 3.5 * i / n, "zorder": 2 + i} for i, r in enumerate(runs)}
+
+
+def _plot(ax: Any, style: Dict[str, Any], xs: Sequence[float], ys: Sequence[float], markers: bool) -> Any:
+    kw = dict(style)
+    if not markers:  # long curves: markers would hide the line
+        kw.pop("marker"), kw.pop("markersize")
+    return ax.plot(xs, ys, **kw)[0]
+
+
+def plot_lines(runs: Sequence["RunData"], key: str, path: Path, x: str = "step", ylabel: Optional[str] = None,
+               title: Optional[str] = None) -> Optional[Path]:
+    """One line per run of ``key`` against ``x``; None if no run logged it."""
+    data = [(r, *r.series(key, x)) for r in runs]
+    data = [(r, xs, ys) for r, xs, ys in data if xs]
+    if not data:
+        return None
+    plt, styles = _plt(), line_styles(runs)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    handles = [_plot(ax, styles[r.name], xs, ys, len(xs) <= 25) for r, xs, ys in data]
+    ax.set_xlabel("optimizer step" if x == "step" else x)
+    _integer_x(ax)
+    ax.set_ylabel(ylabel or key)
+    ax.set_title(title or f"{key} vs {x}")
+    ax.grid(alpha=0.3)
+    _legend_below(fig, handles, [r.name for r, _, _ in data])
+    return _save(fig, path)
+
+
+def plot_tau(runs: Sequence["RunData"], path: Path) -> Optional[Path]:
+    """Scalar τ as a line; per-sample τ as its batch mean with a min–max band."""
+    plt, styles = _plt(), line_styles(runs)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    handles, labels = [], []
+    for r in runs:
+        xs, ys = r.series("train/tau")
+        if xs:
+            handles.append(_plot(ax, styles[r.name], xs, ys, len(xs) <= 25))
+            labels.append(r.name)
+            continue
+        rows = [(row["step"], row["train/tau_mean"], row.get("train/tau_min"), row.get("train/tau_max"))
+                for row in r.history if isinstance(row.get("train/tau_mean"), (int, float)) and "step" in row]
+        if rows:
+            s, mean, lo, hi = zip(*rows)
+            handles.append(_plot(ax, styles[r.name], s, mean, len(s) <= 25))
+            if all(v is not None for v in lo + hi):
+                ax.fill_between(s, lo, hi, color=styles[r.name]["color"], alpha=0.25, linewidth=0)
+            labels.append(f"{r.name} (per-sample: mean, min–max band)")
+    if not handles:
+        _plt().close(fig)
+        return None
+    ax.set_xlabel("optimizer step")
+    _integer_x(ax)
+    ax.set_ylabel("temperature τ")
+    ax.set_title("τ vs step")
+    ax.grid(alpha=0.3)
+    _legend_below(fig, handles, labels)
+    return _save(fig, path)
+
+
+def plot_knn_curves(runs: Sequence["RunData"], keys: Sequence[str], path: Path) -> Optional[Path]:
+    """Online kNN top-1 vs epoch: one panel per (k, T), every run in each panel."""
+    from simclr_tau.compare import knn_label
+
+    keys = [k for k in keys if any(r.series(k, "epoch")[0] for r in runs)][:4]
+    if not keys:
+        return None
+    plt, styles = _plt(), line_styles(runs)
+    fig, axes = plt.subplots(1, len(keys), figsize=(min(16, 6 * len(keys)), 5), squeeze=False)
+    shown: Dict[str, Any] = {}
+    for ax, key in zip(axes[0], keys):
+        for r in runs:
+            xs, ys = r.series(key, "epoch")
+            if xs:
+                shown[r.name] = _plot(ax, styles[r.name], xs, ys, True)
+        ax.set_xlabel("epoch")
+        _integer_x(ax)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(f"online {knn_label(key)}")
+        ax.grid(alpha=0.3)
+    _legend_below(fig, list(shown.values()), list(shown))
+    return _save(fig, path)
+
+
+def plot_final_bars(runs: Sequence["RunData"], keys: Sequence[Tuple[str, str]], path: Path) -> Optional[Path]:
+    """One panel per (key, label) with a bar per run (value written on the bar); runs without it are left out."""
+    keys = [(k, lab) for k, lab in keys if any(k in r.final for r in runs)]
+    if not keys:
+        return None
+    plt, colors = _plt(), run_colors(runs)
+    ncol = min(3, len(keys))
+    nrow = math.ceil(len(keys) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.6 * nrow + 0.5), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    handles: Dict[str, Any] = {}
+    for ax, (key, label) in zip(axes.flat, keys):
+        for i, r in enumerate(runs):
+            v = r.final.get(key)
+            if v is None or not math.isfinite(v):
+                continue
+            bar = ax.bar(i, v, color=colors[r.name], width=0.7)
+            handles.setdefault(r.name, bar)
+            ax.annotate(f"{v:.4g}", (i, v), ha="center", va="bottom", fontsize=8, xytext=(0, 2),
+                        textcoords="offset points")
+        ax.set_title(label)
+        ax.set_xticks(range(len(runs)), [str(i + 1) for i in range(len(runs))])
+        ax.set_xlabel("run")
+        ax.margins(y=0.15)
+        ax.grid(axis="y", alpha=0.3)
+    shown = [(i, r.name) for i, r in enumerate(runs) if r.name in handles]  # bar i+1 is run i+1 in the legend
+    _legend_below(fig, [handles[n] for _, n in shown], [f"{i + 1}: {n}" for i, n in shown])
+    return _save(fig, path)
+
+
+def _slug(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("_")
+
+
+def plot_all(runs: Sequence["RunData"], out: Path, extra: Sequence[str] = ()) -> Tuple[List[tuple], List[str]]:
+    """Every comparison figure into ``out``: [(title, path)], [notes about what was skipped]."""
+    from simclr_tau.compare import knn_keys, knn_label, knn_order
+
+    images: List[tuple] = []
+    notes: List[str] = []
+
+    def add(title: str, path: Optional[Path], why_not: str) -> None:
+        if path is None:
+            notes.append(f"{title}: skipped ({why_not})")
+        else:
+            images.append((title, path))
+
+    online = sorted({k for r in runs for row in r.history for k in row if k.startswith("knn/top1_")}, key=knn_order)
+    add("kNN top-1 vs epoch", plot_knn_curves(runs, online, out / "knn_vs_epoch.png"),
+        "no online kNN rows in any run's metrics; pretrain with eval.online_knn_every=N")
+    add("loss vs step", plot_lines(runs, "train/loss", out / "loss_vs_step.png", ylabel="contrastive loss",
+                                   title="training loss vs step"), "no run logged train/loss")
+    add("τ vs step", plot_tau(runs, out / "tau_vs_step.png"), "no run logged train/tau or train/tau_mean")
+    bars = [(k, f"{knn_label(k)} top-1 (%)") for k in knn_keys(runs)]
+    bars += [("linear/test_top1", "linear probe test top-1 (%)"), ("calib/ece_before", "ECE before calibration"),
+             ("calib/ece_after", "ECE after temperature scaling")]
+    bars += [(k, k) for k in extra]
+    add("final metrics", plot_final_bars(runs, bars, out / "final_metrics.png"), "no final kNN / linear / ECE results")
+    for k in extra:
+        if any(r.series(k)[0] for r in runs):
+            add(f"{k} vs step", plot_lines(runs, k, out / f"curve_{_slug(k)}.png"), "")
+    return images, notes
+

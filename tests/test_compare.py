@@ -1,0 +1,355 @@
+"""``simclr-tau compare`` on real tiny runs (fixed / learnable / conditional τ): the table equals the runs'
+records, the differing config keys are found, the PNGs and the self-contained HTML are written; the W&B path
+against a fake ``wandb.Api`` (the cloud is unreachable here) gives the same table; bad input is a one-line
+error with exit status 2; scripts/tau_sweep.py plans (and runs) the six τ settings."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from simclr_tau.compare import RunData, compare, load_run_dir
+from simclr_tau.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "synthetic_tiny.yaml")
+COMMON = ["train.epochs=2", "eval.online_knn_every=1", "eval.knn_k=[5]", "eval.knn_t=[0.1]", "wandb.enabled=false"]
+MODES = {
+    "tau-fixed": ["temperature.mode=fixed", "temperature.init=0.2"],
+    "tau-learnable": ["temperature.mode=learnable", "optim.lr=2.0"],
+    "tau-conditional": ["temperature.mode=conditional", "optim.lr=2.0"],
+}
+KNN = "knn/top1_k5_t0.1"
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> list[Path]:
+    """Three tiny pretraining runs; kNN evaluation on the first, the linear probe on the first two."""
+    from simclr_tau.evaluation.cli import knn_main, linear_main
+    from simclr_tau.train.pretrain import run
+
+    root = tmp_path_factory.mktemp("compare_runs")
+    dirs = [run(load_config(TINY, [*COMMON, *ov, f"train.output_dir={root}", f"train.run_name={name}"])).run_dir
+            for name, ov in MODES.items()]
+    knn_main([str(dirs[0]), "--k", "5", "--t", "0.1", "--no-diagnostics", "--no-progress"])
+    for d in dirs[:2]:
+        linear_main([str(d), "--no-progress"])
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def result(runs, tmp_path_factory):
+    from simclr_tau.compare import main
+
+    out = tmp_path_factory.mktemp("compare_out")
+    return main([*map(str, runs), "--out", str(out)])
+
+
+def test_table_holds_the_numbers_of_the_run_records(runs, result, capsys) -> None:
+    assert [r.name for r in result.runs] == list(MODES)
+    col = {h: i for i, h in enumerate(result.headers)}
+    for run_dir, raw in zip(runs, result.raw):
+        log, s = rows(run_dir), summary(run_dir)
+        train = [r for r in log if "train/loss" in r]
+        assert raw[col["run"]] == s["run_name"] == run_dir.name
+        assert raw[col["final loss"]] == s["final/train_loss"] == train[-1]["train/loss"]
+        tau_key = "train/tau_mean" if "conditional" in run_dir.name else "train/tau"
+        assert raw[col["final τ"]] == train[-1][tau_key]
+        # kNN: the offline evaluation where it ran (summary.json), else the last online kNN row
+        online = [r[KNN] for r in log if KNN in r]
+        assert len(online) == 2  # one per epoch
+        assert raw[col["kNN k=5 T=0.1 top-1"]] == s[KNN]
+        if run_dir != runs[0]:
+            assert s[KNN] == online[-1]
+        for key, header in (("linear/test_top1", "linear top-1"), ("calib/ece_before", "ECE before"),
+                            ("calib/ece_after", "ECE after")):
+            assert raw[col[header]] == s.get(key)  # None where the probe did not run
+    assert result.raw[2][col["linear top-1"]] is None
+    assert result.raw[0][col["τ mode"]] == "fixed" and result.raw[2][col["τ mode"]] == "conditional"
+
+
+def test_config_differences_name_the_tau_mode(result) -> None:
+    assert result.diff["temperature.mode"] == ["fixed", "learnable", "conditional"]
+    assert result.diff["optim.lr"] == [0.1, 2.0, 2.0]
+    assert "train.run_name" not in result.diff and "train.output_dir" not in result.diff
+    assert "data.name" not in result.diff  # the same in every run
+
+
+def test_printed_tables(runs, tmp_path, capsys) -> None:
+    from simclr_tau.compare import main
+
+    main([*map(str, runs), "--out", str(tmp_path), "--no-plots"])
+    out = capsys.readouterr().out
+    table, diff = out.split("config differences")
+    for name in MODES:
+        assert name in table and name in diff.splitlines()[1]  # a row each; a column each
+    assert re.search(r"temperature\.mode\s+fixed\s+learnable\s+conditional", diff)
+    s = summary(runs[0])
+    assert f"{s['final/train_loss']:.4g}" in table and f"{s['linear/test_top1']:.4g}" in table
+
+
+def test_pngs_show_one_line_per_run(result) -> None:
+    import matplotlib.image as mpimg
+    from matplotlib import colormaps
+
+    images = dict(result.images)
+    assert set(images) == {"kNN top-1 vs epoch", "loss vs step", "τ vs step", "final metrics"}
+    assert result.notes == []
+    for title, path in images.items():
+        assert path.stat().st_size > 15_000, title
+        img = mpimg.imread(path)
+        assert img.ndim == 3 and img.shape[0] >= 400 and img.shape[1] >= 500, (title, img.shape)
+        # every run's colour (tab10 i) is drawn: its line / bar / legend entry
+        rgb = img[..., :3]
+        for i in range(len(MODES)):
+            color = colormaps["tab10"](i)[:3]
+            near = (abs(rgb - color) < 0.05).all(axis=-1).sum()
+            assert near > 50, (title, i, near)
+
+
+def test_html_report_is_self_contained(result) -> None:
+    html = result.html.read_text()
+    for name in MODES:
+        assert name in html
+    uris = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
+    assert len(uris) == len(result.images) == 4
+    assert all(base64.b64decode(u)[:8] == b"\x89PNG\r\n\x1a\n" for u in uris)
+    assert "temperature.mode" in html and "<table>" in html
+    assert not re.search(r"(src|href)=['\"](?!data:)", html)  # nothing outside the file
+
+
+def test_knn_plot_is_skipped_with_a_note_without_online_knn(tmp_path) -> None:
+    runs = [RunData(f"r{i}", "mem", {"temperature.mode": m}, {"train/loss": 1.0 + i},
+                    [{"step": s, "epoch": s / 2, "train/loss": 3.0 - s * 0.1 * (i + 1), "train/tau": 0.1 * (i + 1)}
+                     for s in range(1, 6)]) for i, m in enumerate(["fixed", "learnable"])]
+    comp = compare(runs, tmp_path, echo=False)
+    assert not (tmp_path / "knn_vs_epoch.png").exists()
+    assert any(n.startswith("kNN top-1 vs epoch: skipped") and "eval.online_knn_every" in n for n in comp.notes)
+    assert "skipped" in comp.html.read_text()
+
+
+# ---- W&B public API, against a fake at the boundary -----------------------------------------------------
+
+class FakeWandbRun:
+    """What the tests need of ``wandb.apis.public.Run``: name, id, config (nested), summary, history."""
+
+    def __init__(self, run_dir: Path, tags: list[str]) -> None:
+        s = summary(run_dir)
+        self.name, self.id, self.tags = s["run_name"], f"id-{s['run_name']}", tags
+        self.config = {**yaml.safe_load((run_dir / "config.yaml").read_text()), "_wandb": {"cli_version": "0.31"}}
+        self._rows = rows(run_dir)
+        # like W&B: the last logged value of every key (step and epoch too), overlaid by summary updates
+        self.summary = {k: v for r in self._rows for k, v in r.items()}
+        self.summary.update({k: v for k, v in s.items() if k != "config"})
+        self.summary.update({"_step": 99, "train/tau_hist": {"_type": "histogram", "values": [1, 2]}})
+        self.scans: list[list[str]] = []
+
+    def scan_history(self, keys=None, page_size=1000, min_step=None, max_step=None):
+        self.scans.append(list(keys))
+        return iter([{k: r[k] for k in keys} for r in self._rows if all(k in r for k in keys)])
+
+    def history(self, samples=500, keys=None, x_axis="_step", pandas=True, stream="default"):
+        return list(self.scan_history(keys))
+
+
+def _match(run: FakeWandbRun, flt: dict) -> bool:
+    """The subset of the W&B (MongoDB-style) filter language the tests use."""
+    if "$and" in flt:
+        return all(_match(run, f) for f in flt["$and"])
+    (key, want), = flt.items()
+    if key == "tags":
+        return any(t in run.tags for t in want["$in"])
+    node = run.config
+    for part in key.split(".")[1:]:
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return node == want
+
+
+class FakeWandbApi:
+    """Stands in for ``wandb.Api`` (no network here): records the query, filters like the server."""
+
+    calls: list = []
+    runs_by_path: dict = {}
+
+    def __init__(self, overrides=None, timeout=None, api_key=None) -> None:
+        pass
+
+    def runs(self, path=None, filters=None, order="+created_at", per_page=50, include_sweeps=False, lazy=True):
+        FakeWandbApi.calls.append((path, filters))
+        return [r for r in FakeWandbApi.runs_by_path.get(path, []) if not filters or _match(r, filters)]
+
+
+@pytest.fixture
+def fake_wandb_api(monkeypatch, runs):
+    import wandb
+
+    FakeWandbApi.calls = []
+    FakeWandbApi.runs_by_path = {"team/tau-study": [FakeWandbRun(d, ["dataset:synthetic", f"tau_mode:{n}"])
+                                                    for d, n in zip(runs, ["fixed", "learnable", "conditional"])]}
+    monkeypatch.setattr(wandb, "Api", FakeWandbApi)
+    return FakeWandbApi
+
+
+def test_wandb_path_gives_the_same_table_as_the_local_records(fake_wandb_api, result, tmp_path) -> None:
+    from simclr_tau.compare import main
+
+    comp = main(["--wandb", "team/tau-study", "--out", str(tmp_path)])
+    assert fake_wandb_api.calls == [("team/tau-study", None)]
+    assert comp.headers == result.headers
+    assert comp.raw == result.raw  # same names, losses, τ, kNN, linear, ECE
+    assert comp.diff == result.diff
+    assert [r.source for r in comp.runs] == [f"wandb:team/tau-study/id-{n}" for n in MODES]
+    assert {t for t, _ in comp.images} == {"kNN top-1 vs epoch", "loss vs step", "τ vs step", "final metrics"}
+    # history came from unsampled scans of the plotted keys, τ band included
+    scans = fake_wandb_api.runs_by_path["team/tau-study"][2].scans
+    assert ["step", "train/tau_mean", "train/tau_min", "train/tau_max", "epoch"] in scans
+
+
+def test_wandb_filters_are_passed_through(fake_wandb_api, tmp_path) -> None:
+    from simclr_tau.compare import main
+
+    comp = main(["--wandb", "team/tau-study", "--filter", "temperature.mode=learnable", "--filter",
+                 "tags=dataset:synthetic", "--out", str(tmp_path), "--no-plots"])
+    assert fake_wandb_api.calls == [("team/tau-study", {"$and": [{"config.temperature.mode": "learnable"},
+                                                                 {"tags": {"$in": ["dataset:synthetic"]}}]})]
+    assert [r.name for r in comp.runs] == ["tau-learnable"]
+    comp = main(["--wandb", "team/tau-study", "--filter", "temperature.init=0.2", "--out", str(tmp_path), "--no-plots"])
+    assert fake_wandb_api.calls[-1] == ("team/tau-study", {"config.temperature.init": 0.2})  # a number, not "0.2"
+    assert [r.name for r in comp.runs] == ["tau-fixed"]
+
+
+def test_wandb_errors_are_one_line(fake_wandb_api, monkeypatch, tmp_path, capsys) -> None:
+    from simclr_tau.cli import main
+
+    for args, expected in [(["--wandb", "team/tau-study", "--filter", "temperature.mode=scheduled"], "has no runs matching"),
+                           (["--wandb", "team/other"], "has no runs"),
+                           (["--wandb", "a/b/c"], "expected ENTITY/PROJECT")]:
+        _expect_exit_2(capsys, main, ["compare", *args, "--out", str(tmp_path)], expected)
+
+    def unreachable(self, *a, **k):
+        raise ConnectionError("Max retries exceeded with url: https://api.wandb.ai/graphql\nmore")
+
+    monkeypatch.setattr(FakeWandbApi, "runs", unreachable)
+    _expect_exit_2(capsys, main, ["compare", "--wandb", "team/tau-study", "--out", str(tmp_path)],
+                   "W&B API: cannot read runs of team/tau-study (ConnectionError")
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+
+def _expect_exit_2(capsys, fn, argv, expected: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        fn(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert expected in err, err
+
+
+def _write_run(d: Path, metrics: dict) -> Path:
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"run_name": d.name, "step": 4, **metrics}))
+    return d
+
+
+def test_bad_input_is_a_one_line_error_with_exit_code_2(tmp_path, capsys, runs) -> None:
+    from simclr_tau.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a run")
+    a = _write_run(tmp_path / "a", {"train/loss": 1.0})
+    b = _write_run(tmp_path / "b", {"linear/test_top1": 50.0})
+    cases = [
+        ([str(empty)], f"{empty}: not a run directory (no metrics.jsonl or summary.json)"),
+        ([str(tmp_path / "missing")], "no such run directory"),
+        ([str(runs[0] / "metrics.jsonl")], "not a run directory"),
+        ([str(a), str(b)], "no metric in common (a: train/loss; b: linear/test_top1)"),
+        ([], "nothing to compare"),
+        ([str(runs[0]), "--filter", "temperature.mode=fixed"], "--filter applies to --wandb"),
+        ([str(runs[0]), "--metric", "diag/nothing"], "--metric diag/nothing: no run has it"),
+    ]
+    for args, expected in cases:
+        _expect_exit_2(capsys, main, ["compare", *args, "--out", str(tmp_path / "out")], expected)
+    (a / "summary.json").write_text("{not json")
+    _expect_exit_2(capsys, main, ["compare", str(a)], "summary.json: invalid JSON")
+
+
+def test_console_script_reports_a_non_run_directory_without_traceback(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "simclr_tau", "compare", str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "not a run directory" in proc.stderr
+
+
+def test_a_directory_of_runs_stands_for_its_runs(runs, tmp_path) -> None:
+    from simclr_tau.compare import expand_run_dirs
+
+    assert sorted(expand_run_dirs([str(runs[0].parent)])) == sorted(runs)
+    assert load_run_dir(runs[0]).name == "tau-fixed"
+
+
+def test_a_torn_last_metrics_line_is_ignored(runs, tmp_path) -> None:
+    import shutil
+
+    d = tmp_path / "killed"
+    shutil.copytree(runs[1], d)
+    (d / "summary.json").unlink()  # a run killed mid-write: no summary yet, half a line at the end
+    with open(d / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "epoch": 2.25, "train/lo')
+    r = load_run_dir(d)
+    assert r.name == "killed" and r.final["train/loss"] == rows(runs[1])[-2]["train/loss"]
+    assert r.config["temperature.mode"] == "learnable"  # from config.yaml
+
+
+# ---- scripts/tau_sweep.py -------------------------------------------------------------------------------
+
+def test_tau_sweep_dry_run_plans_six_settings_then_the_comparison(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "tau_sweep.py"), "train.epochs=1",
+                           f"train.output_dir={tmp_path}", "--name", "sw", "--dry-run"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    pretrain = [line.split() for line in lines if " pretrain " in line]
+    assert len(pretrain) == 6 and sum(" knn " in line for line in lines) == 6
+    assert lines[-1].split()[3:] == ["compare", *[str(tmp_path / f"sw-{s}") for s in
+                                                  ("fixed-0.07", "fixed-0.2", "fixed-0.5", "learnable", "conditional",
+                                                   "cosine")], "--out", str(tmp_path / "sw-compare")]
+    taus = []
+    for argv in pretrain:
+        i = argv.index("pretrain")
+        cfg = load_config(REPO / argv[i + 1], argv[i + 2:])  # every setting is a valid config
+        assert cfg.train.epochs == 1 and cfg.train.output_dir == str(tmp_path)
+        t = cfg.temperature
+        taus.append((t.mode, t.init) if t.mode != "scheduled" else (t.schedule.kind, t.schedule.start, t.schedule.end))
+    assert taus == [("fixed", 0.07), ("fixed", 0.2), ("fixed", 0.5), ("learnable", 0.1), ("conditional", 0.1),
+                    ("cosine", 0.5, 0.07)]
+
+
+@pytest.mark.slow
+def test_tau_sweep_runs_and_compares(tmp_path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "tau_sweep.py"), TINY, "train.max_steps=2", "eval.knn_k=[5]", "eval.knn_t=[0.1]",
+                           f"train.output_dir={tmp_path}", "--name", "sw", "--only", "fixed-0.07", "cosine"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for s in ("fixed-0.07", "cosine"):
+        assert (tmp_path / f"sw-{s}" / "eval" / "knn.json").is_file()
+    report = (tmp_path / "sw-compare" / "report.html").read_text()
+    assert "sw-fixed-0.07" in report and "sw-cosine" in report and "scheduled (cosine)" in report

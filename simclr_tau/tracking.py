@@ -8,8 +8,10 @@ The run directory holds the project's own record, readable by any later tool (``
 
 W&B is a mirror of the same data. wandb's offline files (``run-*.wandb``) cannot be read back from Python,
 so the local record is the source of truth. ``wandb.mode=auto`` runs online when an API key is configured
-and offline otherwise; any W&B failure (no network, bad host, bad key) is reported once as a warning and
-training continues with the local record only.
+and offline otherwise. Any W&B failure (no network, bad host, bad key) is reported once as a warning and
+never stops training: an online run whose ``wandb.init`` fails (within ``$SIMCLR_TAU_WANDB_INIT_TIMEOUT``
+seconds) goes on in W&B offline mode, to be uploaded later with ``wandb sync``; if even that fails, the
+local record alone is kept.
 
 Naming convention (:func:`run_tags`): run name ``<method>-<tau mode>-<dataset>-<backbone>-<time>`` (unless
 ``train.run_name``), W&B group ``<dataset>-<backbone>`` (unless ``wandb.group``), job type ``<method>``, tags
@@ -110,8 +112,8 @@ class RunRecord:
         if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
             self._init_wandb()
 
-    def _init_wandb(self) -> None:
-        mode = wandb_mode(self.cfg.wandb.mode)
+    def _init_wandb(self, mode: Optional[str] = None) -> None:
+        mode = mode or wandb_mode(self.cfg.wandb.mode)
         tags = run_tags(self.cfg)
         try:
             import wandb
@@ -134,9 +136,15 @@ class RunRecord:
             # τ curves against the optimizer step, everything else too: one x-axis for all panels.
             self.wandb_run.define_metric("*", step_metric="step")
         except Exception as e:  # network, auth, bad host: never block training
-            warnings.warn(f"W&B disabled for this run ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                          f"the local record in {self.run_dir} is complete", stacklevel=2)
+            reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
             self.wandb_run = None
+            if mode == "online":  # server unreachable or key refused: keep a W&B record to upload later
+                warnings.warn(f"W&B unreachable ({reason}); continuing with W&B offline: upload the run later "
+                              f"with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`", stacklevel=2)
+                self._init_wandb("offline")
+                return
+            warnings.warn(f"W&B disabled for this run ({reason}); the local record in {self.run_dir} is complete",
+                          stacklevel=2)
 
     def log(self, metrics: Mapping[str, Any], step: int, epoch: float) -> None:
         """Append one record. Tensor values are read here (the only host sync of a logging step)."""

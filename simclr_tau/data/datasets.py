@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
@@ -69,8 +70,28 @@ class TensorImageDataset(ImageDataset):
         return self.images[i], int(self.labels[i])
 
 
+class CorruptImageError(UserError):
+    """An image file that cannot be decoded.
+
+    A DataLoader worker's exception is re-raised in the main process as ``type(e)(message + worker
+    traceback)``; the message is cut back to its one line here, so the CLI still prints one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        if "Original Traceback" in message:
+            message = message.strip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+
 class FolderImageDataset(ImageDataset):
-    """An ImageFolder tree (``root/<class>/<image>``) decoded to uint8 RGB tensors on access."""
+    """An ImageFolder tree (``root/<class>/<image>``) decoded to uint8 RGB tensors on access.
+
+    A file that cannot be decoded (corrupt, truncated, empty, not an image) stops the run with a one-line
+    :class:`CorruptImageError` naming the file, when it is first read. It is not skipped: skipping would
+    change the fixed global batch (and with it the loss and the exact resume), and replacing it with
+    another sample would silently train on a different dataset. Remove or re-encode the file and
+    ``--resume auto`` (the checkpoint of the interrupted run is kept).
+    """
 
     def __init__(self, root: Path, channels: int = 3) -> None:
         from torchvision.datasets import ImageFolder
@@ -89,7 +110,14 @@ class FolderImageDataset(ImageDataset):
 
         path, label = self.folder.samples[i]
         mode = ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB
-        return decode_image(path, mode=mode), label
+        try:
+            return decode_image(path, mode=mode), label
+        except (RuntimeError, OSError) as e:
+            # torchvision: "decode_jpeg, <source file>:171, Image is incomplete or truncated"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            cause = re.sub(r"^[^,]*, \S+:\d+, ", "", first)[:200]  # drop torchvision's source location
+            raise CorruptImageError(f"{path}: cannot decode image ({cause}); remove or re-encode the file, "
+                                    "then --resume auto") from None
 
 
 def _read_idx(path: Path) -> np.ndarray:

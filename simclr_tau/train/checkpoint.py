@@ -10,6 +10,7 @@ Layout: ``<run>/checkpoints/step_00001234.pt``; the newest ``train.keep_last`` a
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -32,7 +33,8 @@ def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same directory, fsync, then rename over ``path``.
 
     A crash or a full disk leaves either the old file or the new one, never a half-written file; the
-    temporary file is removed on failure.
+    temporary file is removed on failure (a SIGKILL can leave one behind: :func:`prune` removes it).
+    A full disk or quota is a :class:`UserError` (the user frees space and resumes), not a traceback.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -47,9 +49,13 @@ def atomic_save(obj: Any, path: Path) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on device while saving {path} ({os.strerror(e.errno)}); the previous "
+                            "checkpoint is intact: free disk space (or lower train.keep_last), then --resume auto"
+                            ) from None
         raise
 
 
@@ -85,5 +91,8 @@ def latest_valid_checkpoint(directory: Path) -> Optional[Path]:
 
 
 def prune(directory: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints; also remove temporary files a killed save left behind."""
     for p in list_checkpoints(directory)[:-keep_last]:
+        p.unlink(missing_ok=True)
+    for p in directory.glob(".step_*.pt.*.tmp"):  # called after our own save completed: none is in flight
         p.unlink(missing_ok=True)

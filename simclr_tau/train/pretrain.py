@@ -40,6 +40,7 @@ from simclr_tau.train.checkpoint import (
     atomic_save,
     checkpoint_path,
     latest_valid_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     prune,
 )
@@ -118,7 +119,9 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
     if micro % world:
         raise UserError(f"train.batch_size / train.grad_accum = {micro} must be divisible by the {world} processes")
     if micro // world < 2:
-        raise UserError(f"{world} processes leave fewer than 2 samples each per micro-batch of {micro}")
+        raise UserError(f"{world} processes leave {micro // world} sample(s) each per micro-batch of {micro} (need 2): "
+                        f"raise train.batch_size to at least {2 * world * tc.grad_accum} (the dataset has "
+                        f"{len(dataset)} images) or launch fewer processes")
     steps_per_epoch = len(dataset) // tc.batch_size
     total_steps = tc.epochs * steps_per_epoch
     if tc.max_steps is not None:
@@ -158,22 +161,42 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
     ckpt = _resolve_resume(resume, run_dir)
     if ckpt is not None:
         state = load_checkpoint(ckpt)
-        core.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        _load_training_state(core, optimizer, state, ckpt)
         start_step, wandb_id = int(state["step"]), state.get("wandb_id")
         if is_main:
             print(f"resumed from {ckpt} at step {start_step}", flush=True)
-    if ckpt is None and (run_dir / "metrics.jsonl").exists():
+    elif resume == "auto" and (run_dir / "metrics.jsonl").exists():
+        # killed before its first checkpoint: nothing to keep, redo it from step 0
+        if is_main:
+            print(f"no valid checkpoint in {ckpt_dir}: restarting {run_name} from step 0", flush=True)
+    elif (run_dir / "metrics.jsonl").exists():
         raise UserError(f"run directory {run_dir} already holds a run; resume it with --resume auto "
                         "or choose another train.run_name")
+    # every process has looked at the run directory before the main one writes to it (else a slower
+    # process would find the new metrics.jsonl and take this fresh run for an old one)
+    accelerator.wait_for_everyone()
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        if ckpt is not None:
+        if resume is not None:
             _truncate_metrics(run_dir / "metrics.jsonl", start_step)
     record = RunRecord(run_dir, cfg, run_name, is_main, wandb_id)
 
+    def first_bad_step() -> int:
+        """The first step (1-based, as in metrics.jsonl) whose loss was non-finite on any process, or -1."""
+        bad = accelerator.gather(first_bad.reshape(1)) if world > 1 else first_bad.reshape(1)
+        bad = bad[bad >= 0]
+        return int(bad.min().item()) + 1 if bad.numel() else -1  # a host sync: only at log / save time
+
     def save(step: int) -> None:
+        # never checkpoint a diverged model: the last checkpoint on disk stays the last good one
+        bad = first_bad_step()
+        if bad > 0:
+            _stop_nonfinite(record, bad, ckpt_dir)
+        finite = [torch.isfinite(t).all() for t in core.state_dict().values()
+                  if isinstance(t, torch.Tensor) and t.is_floating_point()]  # (not a τ schedule's extra state)
+        if not bool(torch.stack(finite).all()):
+            _stop_nonfinite(record, step, ckpt_dir, what="non-finite weights after")
         if is_main:
             atomic_save(
                 {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
@@ -231,9 +254,13 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
                 step += 1
                 bar.update(1)
                 end_of_epoch = step % steps_per_epoch == 0
-                if step % tc.log_every == 0 or end_of_epoch or step == total_steps or stop.requested:
-                    bad = int(first_bad.item())  # the one host sync of a logging step
-                    if bad >= 0:
+                sync_point = step % tc.log_every == 0 or end_of_epoch or step == total_steps
+                # A signal may reach the processes at different steps: they agree on stopping at a common
+                # log step (one small collective there), so that all of them save at the same step.
+                stopping = stop.requested if world == 1 else sync_point and _any_process(accelerator, stop.requested)
+                if sync_point or stopping:
+                    bad = first_bad_step()  # the one host sync of a logging step
+                    if bad > 0:
                         _stop_nonfinite(record, bad, ckpt_dir)
                     now = time.perf_counter()
                     n_steps = step - last_log_step
@@ -257,10 +284,9 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
                     # a plateau τ schedule monitors the first (k, T) pair's top-1
                     core.temperature.observe(next(iter(knn.values())))
                 if ((end_of_epoch and (step // steps_per_epoch) % tc.save_every_epochs == 0) or step == total_steps
-                        or (tc.save_every_steps and step % tc.save_every_steps == 0)):
+                        or (tc.save_every_steps and step % tc.save_every_steps == 0) or stopping):
                     save(step)
-                if stop.requested:
-                    save(step)
+                if stopping:
                     stopped_early = True
                     if is_main:
                         print(f"stopped by signal at step {step}; checkpoint saved in {ckpt_dir}. "
@@ -372,19 +398,61 @@ class _BatchedLoader:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after ``step`` (they belong to the interrupted attempt being redone)."""
+    """Drop records logged after ``step`` (they belong to the interrupted attempt being redone), and a
+    last line torn by a kill mid-write."""
     import json
 
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _stop_nonfinite(record: RunRecord, step: int, ckpt_dir: Path) -> None:
-    record.update_summary({"error": f"non-finite loss at step {step}"})
+def _any_process(accelerator: Any, flag: bool) -> bool:
+    t = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def _load_training_state(core: torch.nn.Module, optimizer: Any, state: Any, ckpt: Path) -> None:
+    """Load a checkpoint's model and optimizer state; a checkpoint of another model is a UserError
+    listing the mismatched keys (strict loading would raise a RuntimeError traceback)."""
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "optimizer" not in state \
+            or "step" not in state:
+        raise UserError(f"--resume {ckpt}: not a pretraining checkpoint (needs 'model', 'optimizer' and 'step'); "
+                        "pass a run directory or a checkpoints/step_*.pt file")
+    own, theirs = core.state_dict(), state["model"]
+    missing = sorted(set(own) - set(theirs))
+    unexpected = sorted(set(theirs) - set(own))
+    shape = sorted(k for k in set(own) & set(theirs) if isinstance(own[k], torch.Tensor)
+                   and (not isinstance(theirs[k], torch.Tensor) or own[k].shape != theirs[k].shape))
+    if missing or unexpected or shape:
+        parts = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shape))
+                 if keys]
+        raise UserError(f"--resume {ckpt} does not match this model ({'; '.join(parts)}): resume with the "
+                        "config the checkpoint was trained with")
+    core.load_state_dict(theirs)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:  # torch: "loaded state dict contains a parameter group that doesn't match"
+        raise UserError(f"--resume {ckpt}: its optimizer state does not match this config's optimizer "
+                        f"({str(e).splitlines()[0][:150]}): resume with the config the checkpoint was trained "
+                        "with") from None
+
+
+def _stop_nonfinite(record: RunRecord, step: int, ckpt_dir: Path, what: str = "non-finite loss at") -> None:
+    """Stop a diverged run; ``step`` is numbered as in metrics.jsonl (optimizer steps done)."""
+    record.update_summary({"error": f"{what} step {step}"})
     record.close()
+    kept = list_checkpoints(ckpt_dir)
+    kept_msg = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint was saved before it"
     raise UserError(
-        f"non-finite loss at step {step}; the last good checkpoint is kept in {ckpt_dir}. "
+        f"{what} step {step}; {kept_msg}. "
         "Lower optim.lr, raise temperature.tau_min, or set optim.grad_clip, then --resume auto"
     )

@@ -1,0 +1,424 @@
+"""``simclr-tau knn`` and ``simclr-tau linear``: evaluate a frozen encoder.
+
+    simclr-tau knn TARGET [a.b=value ...] [--random-init] [--k 20 200] [--t 0.07 0.1] [--out DIR] [--batch-size N]
+    simclr-tau linear TARGET [a.b=value ...] [--mode fast|augmented] [--optimizer sgd|adamw|lbfgs] [--epochs N] ...
+    accelerate launch eval/knn.py TARGET ...            (features sharded over processes)
+
+TARGET is a run directory (config.yaml + encoder.safetensors), an ``encoder.safetensors`` (its run's
+config.yaml next to it is used, else ``--config`` YAML or ``--data NAME``), or ``pixels`` (the raw-pixel
+baseline; the data come from ``--config`` / ``--data`` / overrides). Overrides ``a.b=value`` apply to the
+run's config (e.g. ``data.root=/usr/share/datasets/fashion-mnist``). ``--random-init`` evaluates the same
+architecture with fresh seeded weights (the baseline a pretrained encoder must beat).
+
+Outputs: ``<run>/eval/knn.json`` (``knn_random_init.json``), ``<run>/eval/linear.json`` + ``reliability.png``,
+features cached in ``<run>/eval/cache/``; headline numbers merged into ``<run>/summary.json`` (and the
+run's W&B summary) under ``knn/...``, ``diag/...``, ``linear/...``, ``calib/...``. Accuracies are percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from simclr_tau.errors import UserError, exit_on_user_error
+
+PIXELS = "pixels"
+
+
+@dataclass
+class Target:
+    """What is evaluated, on which data, and where results go."""
+
+    kind: str  # run | encoder | pixels
+    description: str
+    encoder: nn.Module
+    cfg: Any  # the effective config (run config + overrides)
+    image_size: int
+    channels: int
+    mean: List[float]
+    std: List[float]
+    out_dir: Path
+    run_dir: Optional[Path] = None  # set when results belong to a pretraining run (summary.json)
+    encoder_id: Optional[str] = None  # cache identity; None disables the cache
+    random_init: bool = False
+
+
+def _load_cfg(config: Optional[str], data: Optional[str], overrides: Sequence[str]) -> Any:
+    from simclr_tau.config import load_config
+
+    extra = [f"data.name={data}"] if data else []
+    return load_config(config, list(extra) + list(overrides))
+
+
+def resolve_target(target: str, config: Optional[str] = None, data: Optional[str] = None,
+                   overrides: Sequence[str] = (), random_init: bool = False, seed: int = 0,
+                   out: Optional[str] = None) -> Target:
+    """Turn the TARGET argument into a :class:`Target` (encoder loaded, config resolved). UserError if unusable."""
+    from omegaconf import OmegaConf
+
+    from simclr_tau.config import ModelConfig
+    from simclr_tau.evaluation.features import PixelEncoder, file_digest, module_digest
+    from simclr_tau.models.encoder import build_encoder
+    from simclr_tau.models.export import load_encoder, read_metadata
+
+    if target == PIXELS:
+        if random_init:
+            raise UserError("--random-init does not apply to the pixels baseline")
+        cfg = _load_cfg(config, data, overrides)
+        from simclr_tau.data.datasets import build_eval_datasets, normalization
+
+        train_ds, _ = build_eval_datasets(cfg.data)
+        norm = normalization(cfg.data.name, train_ds)
+        out_dir = Path(out) if out else Path(cfg.train.output_dir) / f"pixels-{cfg.data.name}" / "eval"
+        return Target(PIXELS, f"pixels ({cfg.data.name})", PixelEncoder(), cfg,
+                      cfg.data.image_size or train_ds.image_size, train_ds.channels, list(norm.mean), list(norm.std), out_dir)
+
+    path = Path(target)
+    if not path.exists():
+        raise UserError(f"{path}: no such run directory or encoder file (or use 'pixels')")
+    run_dir: Optional[Path] = None
+    if path.is_dir():
+        enc_path = path / "encoder.safetensors"
+        if not (path / "config.yaml").is_file():
+            raise UserError(f"{path}: not a run directory (no config.yaml)")
+        if not enc_path.is_file():
+            raise UserError(f"{path}: no encoder.safetensors (pretraining not finished? export it first)")
+        run_dir = path
+    else:
+        enc_path = path
+        if (path.parent / "config.yaml").is_file():
+            run_dir = path.parent
+    if config is not None:
+        cfg = _load_cfg(config, data, overrides)
+    elif run_dir is not None:
+        cfg = _load_cfg(str(run_dir / "config.yaml"), data, overrides)
+    elif data is not None:
+        cfg = _load_cfg(None, data, overrides)
+    else:
+        raise UserError(f"{path}: an encoder file outside a run directory needs --config CONFIG.yaml or --data NAME")
+
+    if random_init:
+        meta = read_metadata(enc_path)
+        model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["model"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder, _ = build_encoder(model_cfg, meta["in_chans"])
+        encoder.eval()
+        encoder_id = f"random-init:{module_digest(encoder)}"
+    else:
+        encoder, meta = load_encoder(enc_path)
+        encoder_id = f"file:{file_digest(enc_path)}"
+    base = run_dir if run_dir is not None else enc_path.parent
+    out_dir = Path(out) if out else base / "eval"
+    desc = f"{enc_path}{' (random init, seed %d)' % seed if random_init else ''}"
+    return Target("run" if run_dir is not None else "encoder", desc, encoder, cfg, meta["image_size"],
+                  meta["in_chans"], list(meta["mean"]), list(meta["std"]), out_dir, run_dir, encoder_id, random_init)
+
+
+def load_data(t: Target) -> Tuple[Any, Any]:
+    """(train, test) datasets of the target's config, checked against the encoder's input channels."""
+    from simclr_tau.data.datasets import build_eval_datasets
+
+    train_ds, test_ds = build_eval_datasets(t.cfg.data)
+    if train_ds.channels != t.channels:
+        fix = "rgb" if t.channels == 3 else "native"
+        raise UserError(f"the encoder expects {t.channels}-channel images but data.name={t.cfg.data.name} gives "
+                        f"{train_ds.channels}; add data.channels={fix}")
+    if train_ds.num_classes != test_ds.num_classes:
+        raise UserError(f"data.name={t.cfg.data.name}: train and test splits have {train_ds.num_classes} and "
+                        f"{test_ds.num_classes} classes")
+    return train_ds, test_ds
+
+
+def target_features(t: Target, train_ds: Any, test_ds: Any, batch_size: int, accelerator: Any = None,
+                    use_cache: bool = True, num_workers: int = 0, progress: bool = False
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Dict[str, bool]]:
+    """Clean (eval-transform) features of both splits, through the cache when the target has an identity."""
+    from simclr_tau.data.augment import eval_transform
+    from simclr_tau.evaluation.features import cached_features, dataset_identity
+
+    transform = eval_transform(t.image_size, t.channels, t.mean, t.std)
+    transform_id = {"kind": "eval", "image_size": t.image_size, "mean": t.mean, "std": t.std}
+    cache_dir = t.out_dir / "cache" if (use_cache and t.encoder_id) else None
+    d = t.cfg.data
+    out, hits = [], {}
+    for split, ds in (("train", train_ds), ("test", test_ds)):
+        f, y, hit = cached_features(
+            t.encoder, ds, transform, cache_dir=cache_dir, encoder_id=t.encoder_id or "",
+            dataset_id=dataset_identity(ds, d.name, d.root, split), transform_id=transform_id,
+            batch_size=batch_size, accelerator=accelerator, num_workers=num_workers, progress=progress)
+        out += [f, y]
+        hits[split] = hit
+    return out[0], out[1], out[2], out[3], hits
+
+
+def _accelerator() -> Any:
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def write_json(path: Path, payload: Dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_json_safe(payload), indent=2, sort_keys=True))
+    tmp.replace(path)
+    return path
+
+
+def update_run_summary(t: Target, values: Dict[str, Any]) -> None:
+    """Merge ``values`` into the run's summary.json (and its W&B run) with :class:`RunRecord`."""
+    if t.run_dir is None or not values:
+        return
+    from simclr_tau.config import load_config
+    from simclr_tau.tracking import RunRecord
+
+    path = t.run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    # the summary keeps the run's own config; only the W&B switch comes from this command's overrides
+    record_cfg = load_config(t.run_dir / "config.yaml")
+    record_cfg.wandb = t.cfg.wandb
+    record = RunRecord(t.run_dir, record_cfg, summary.get("run_name") or t.run_dir.name, wandb_id=summary.get("wandb_id"))
+    try:
+        record.update_summary({k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    finally:
+        record.close()
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="run directory, encoder.safetensors, or 'pixels'")
+    p.add_argument("overrides", nargs="*", help="config overrides a.b=value (e.g. data.root=...)")
+    p.add_argument("--config", default=None, help="YAML config for the data (encoder files outside a run, pixels)")
+    p.add_argument("--data", default=None, help="dataset name shortcut (= data.name=NAME)")
+    p.add_argument("--random-init", action="store_true", help="same architecture, fresh random weights (seeded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output directory (default <run>/eval)")
+    p.add_argument("--batch-size", type=int, default=None, help="feature-extraction batch (default eval.batch_size)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for feature extraction")
+    p.add_argument("--no-cache", action="store_true", help="recompute features instead of using <out>/cache")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _setup(args: argparse.Namespace) -> Tuple[Target, Any, Any, Any, int]:
+    t = resolve_target(args.target, args.config, args.data, args.overrides, args.random_init, args.seed, args.out)
+    accelerator = _accelerator()
+    t.encoder.to(accelerator.device)
+    train_ds, test_ds = load_data(t)
+    batch_size = args.batch_size or t.cfg.eval.batch_size
+    return t, accelerator, train_ds, test_ds, batch_size
+
+
+# ---- knn ---------------------------------------------------------------------------------------------
+
+def build_knn_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="simclr-tau knn", description="Weighted kNN (FAISS) evaluation of a frozen encoder.")
+    _common_args(p)
+    p.add_argument("--k", type=int, nargs="+", default=None, help="neighbours (default eval.knn_k: 20 200)")
+    p.add_argument("--t", type=float, nargs="+", default=None, help="vote temperature per k (default eval.knn_t: 0.07 0.1)")
+    p.add_argument("--vote", action="store_true", help="unweighted majority vote instead of exp(s/T) weights")
+    p.add_argument("--index", default="flat", choices=("flat", "ivf", "hnsw"))
+    p.add_argument("--nlist", type=int, default=100, help="ivf: number of cells")
+    p.add_argument("--nprobe", type=int, default=10, help="ivf: cells probed per query")
+    p.add_argument("--no-diagnostics", action="store_true", help="skip alignment/uniformity and conditional-τ analysis")
+    p.add_argument("--diag-n", type=int, default=1000, help="test images used for alignment/uniformity")
+    return p
+
+
+def _ks_ts(args: argparse.Namespace, cfg: Any) -> Tuple[List[int], List[Optional[float]]]:
+    ks = list(args.k) if args.k else list(cfg.eval.knn_k)
+    ts = list(args.t) if args.t else (list(cfg.eval.knn_t) if not args.k else [])
+    if not ts:
+        ts = [0.07] * len(ks)
+    if len(ts) == 1 and len(ks) > 1:
+        ts = ts * len(ks)
+    if len(ts) != len(ks):
+        raise UserError(f"--k has {len(ks)} values but --t has {len(ts)}; give one T per k (or a single T)")
+    return ks, ts
+
+
+@exit_on_user_error
+def knn_main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    from simclr_tau.evaluation.knn import knn_eval, metric_suffix
+
+    args = build_knn_parser().parse_intermixed_args(argv)
+    t, accelerator, train_ds, test_ds, batch_size = _setup(args)
+    ks, ts = _ks_ts(args, t.cfg)
+    if max(ks) > len(train_ds):
+        raise UserError(f"knn k={max(ks)} is larger than the training set ({len(train_ds)} samples); use a smaller --k")
+    progress = t.cfg.train.progress and not args.no_progress
+    t0 = time.perf_counter()
+    tr_f, tr_y, te_f, te_y, hits = target_features(t, train_ds, test_ds, batch_size, accelerator, not args.no_cache,
+                                                   args.num_workers, progress)
+    t_feat = time.perf_counter() - t0
+    if not accelerator.is_main_process:
+        return {}
+    C = train_ds.num_classes
+    weighted = not args.vote
+    t1 = time.perf_counter()
+    res = knn_eval(tr_f, tr_y, te_f, te_y, ks, ts, num_classes=C, weighted=weighted, index=args.index,
+                   **({"nlist": args.nlist, "nprobe": args.nprobe} if args.index == "ivf" else {}))
+    t_knn = time.perf_counter() - t1
+    prefix = "knn_random_init" if t.random_init else "knn"
+    results = [{"k": k, "T": T if weighted else None, "top1": res[f"top1_{metric_suffix(k, T, weighted)}"],
+                "top5": res[f"top5_{metric_suffix(k, T, weighted)}"]} for k, T in zip(ks, ts)]
+    payload: Dict[str, Any] = {
+        "target": t.description, "kind": t.kind, "random_init": t.random_init,
+        "dataset": {"name": t.cfg.data.name, "root": t.cfg.data.root, "n_train": len(train_ds), "n_test": len(test_ds),
+                    "num_classes": C},
+        "feature_dim": int(tr_f.shape[1]), "index": args.index, "weighted": weighted, "results": results,
+        "metrics": {f"{prefix}/{k}": v for k, v in res.items()}, "cache_hit": hits,
+        "seconds": {"features": t_feat, "knn": t_knn},
+    }
+    summary_values = dict(payload["metrics"])
+    if not args.no_diagnostics:
+        payload["diagnostics"] = _knn_diagnostics(t, args, accelerator, test_ds, tr_f, tr_y, te_f, te_y, ks[0], ts[0],
+                                                  weighted, C, batch_size)
+        dprefix = "diag_random_init" if t.random_init else "diag"
+        d = payload["diagnostics"]
+        summary_values.update({f"{dprefix}/alignment": d["alignment"], f"{dprefix}/uniformity": d["uniformity"]})
+        if "auroc_tau_vs_knn_error" in d.get("conditional_tau", {}):
+            summary_values[f"{dprefix}/tau_auroc"] = d["conditional_tau"]["auroc_tau_vs_knn_error"]
+    name = "knn_random_init.json" if t.random_init else "knn.json"
+    path = write_json(t.out_dir / name, payload)
+    update_run_summary(t, summary_values)
+    _print_knn(t, payload, path)
+    return payload
+
+
+def _knn_diagnostics(t: Target, args, accelerator, test_ds, tr_f, tr_y, te_f, te_y, k, T, weighted, C, batch_size):
+    from simclr_tau.data.augment import eval_transform, simclr_view_transform
+    from simclr_tau.evaluation.diagnostics import alignment_uniformity, conditional_tau_report
+    from simclr_tau.evaluation.knn import knn_search, topk_correct, vote
+
+    clean = eval_transform(t.image_size, t.channels, t.mean, t.std)
+    views = simclr_view_transform(t.cfg.augment, t.image_size, t.channels, t.mean, t.std)
+    out: Dict[str, Any] = alignment_uniformity(t.encoder, test_ds, clean, views, args.diag_n, batch_size, args.seed,
+                                               accelerator)
+    out["positive_pairs"] = "two simclr_view_transform views (run's augment config) of the same test images"
+    if t.kind == PIXELS or t.random_init:
+        out["conditional_tau"] = {"skipped": "no temperature head (pixels / random init)"}
+        return out
+    sims, idx = knn_search(tr_f, te_f, k)
+    correct = topk_correct(vote(sims, idx, tr_y, k, T, C, weighted), te_y, 1)
+    out["conditional_tau"] = conditional_tau_report(t.run_dir, t.cfg, test_ds, clean, correct, t.channels, batch_size,
+                                                    getattr(test_ds, "classes", None))
+    if "auroc_tau_vs_knn_error" in out["conditional_tau"]:
+        out["conditional_tau"]["knn_setting"] = {"k": k, "T": T}
+    return out
+
+
+def _print_knn(t: Target, payload: Dict[str, Any], path: Path) -> None:
+    ds = payload["dataset"]
+    print(f"kNN  {t.description}  on {ds['name']} ({ds['n_train']} train / {ds['n_test']} test), "
+          f"{payload['feature_dim']}-d features, index={payload['index']}")
+    print(f"{'k':>6} {'T':>6} {'top-1':>7} {'top-5':>7}")
+    for r in payload["results"]:
+        T = f"{r['T']:g}" if r["T"] is not None else "vote"
+        print(f"{r['k']:>6} {T:>6} {r['top1']:>7.2f} {r['top5']:>7.2f}")
+    d = payload.get("diagnostics")
+    if d:
+        line = f"alignment {d['alignment']:.4f}  uniformity {d['uniformity']:.4f}"
+        ct = d.get("conditional_tau", {})
+        if "auroc_tau_vs_knn_error" in ct:
+            line += f"  τ-AUROC(kNN errors) {ct['auroc_tau_vs_knn_error']:.3f}"
+        print(line)
+    print(f"wrote {path}", flush=True)
+
+
+# ---- linear ------------------------------------------------------------------------------------------
+
+def build_linear_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="simclr-tau linear",
+                                description="Linear probe (hyperparameters chosen on a validation split) + calibration.")
+    _common_args(p)
+    p.add_argument("--mode", default="fast", choices=("fast", "augmented"),
+                   help="fast: cached features; augmented: random-resized-crop + flip views re-encoded every epoch")
+    p.add_argument("--optimizer", default=None, choices=("sgd", "adamw", "lbfgs"), help="default: lbfgs (fast), sgd (augmented)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (lbfgs: iterations)")
+    p.add_argument("--lr", type=float, nargs="+", default=None, help="learning-rate grid")
+    p.add_argument("--wd", type=float, nargs="+", default=None, help="weight-decay grid")
+    p.add_argument("--probe-batch-size", type=int, default=256, help="sgd/adamw mini-batch (0 = full batch)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="training images held out to choose hyperparameters")
+    p.add_argument("--no-stratify", action="store_true", help="random instead of class-stratified validation split")
+    p.add_argument("--retrain-full", action="store_true", help="retrain the chosen setting on train + val for the test number")
+    p.add_argument("--crop-scale-min", type=float, default=0.08, help="augmented mode: random-resized-crop scale (min, 1)")
+    return p
+
+
+@exit_on_user_error
+def linear_main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    from simclr_tau.evaluation.calibration import calibrate
+    from simclr_tau.evaluation.linear_probe import (ProbeConfig, augmented_view_transform, linear_probe,
+                                                    linear_probe_augmented)
+
+    args = build_linear_parser().parse_intermixed_args(argv)
+    optimizer = args.optimizer or ("lbfgs" if args.mode == "fast" else "sgd")
+    if args.mode == "augmented" and optimizer == "lbfgs":
+        raise UserError("--mode augmented recomputes features every epoch: use --optimizer sgd or adamw")
+    pcfg = ProbeConfig(optimizer=optimizer, epochs=args.epochs, lrs=args.lr, wds=args.wd, batch_size=args.probe_batch_size,
+                       val_fraction=args.val_fraction, stratified=not args.no_stratify, seed=args.seed,
+                       retrain_full=args.retrain_full).resolved()
+    if pcfg.val_fraction <= 0:
+        raise UserError("--val-fraction must be > 0: hyperparameters and the calibration temperature are fitted on it")
+    t, accelerator, train_ds, test_ds, batch_size = _setup(args)
+    if args.mode == "augmented" and accelerator.num_processes > 1:
+        raise UserError("--mode augmented runs in one process; launch without multiple processes (or use --mode fast)")
+    progress = t.cfg.train.progress and not args.no_progress
+    t0 = time.perf_counter()
+    tr_f, tr_y, te_f, te_y, hits = target_features(t, train_ds, test_ds, batch_size, accelerator, not args.no_cache,
+                                                   args.num_workers, progress)
+    t_feat = time.perf_counter() - t0
+    if not accelerator.is_main_process:
+        return {}
+    C = train_ds.num_classes
+    t1 = time.perf_counter()
+    if args.mode == "fast":
+        result = linear_probe(tr_f, tr_y, te_f, te_y, C, pcfg)
+    else:
+        aug = augmented_view_transform(t.image_size, t.mean, t.std, args.crop_scale_min)
+        result = linear_probe_augmented(t.encoder, train_ds, aug, tr_f, tr_y, te_f, te_y, C, pcfg, args.num_workers, progress)
+    t_probe = time.perf_counter() - t1
+    suffix = "_random_init" if t.random_init else ""
+    png = t.out_dir / f"reliability{suffix}.png"
+    calib = calibrate(result.val_logits, result.val_labels, result.test_logits, result.test_labels, png)
+    payload: Dict[str, Any] = {
+        "target": t.description, "kind": t.kind, "random_init": t.random_init,
+        "dataset": {"name": t.cfg.data.name, "root": t.cfg.data.root, "n_train": len(train_ds), "n_test": len(test_ds),
+                    "num_classes": C},
+        "feature_dim": int(tr_f.shape[1]), "probe": result.metrics, "calibration": calib, "cache_hit": hits,
+        "seconds": {"features": t_feat, "probe": t_probe},
+    }
+    m, ct = result.metrics, calib["test"]
+    lp, cp = f"linear{suffix}", f"calib{suffix}"
+    payload["metrics"] = {
+        f"{lp}/train_top1": m["train_top1"], f"{lp}/val_top1": m["val_top1"], f"{lp}/test_top1": m["test_top1"],
+        f"{lp}/test_top5": m["test_top5"], f"{cp}/ece_before": ct["ece_before"], f"{cp}/ece_after": ct["ece_after"],
+        f"{cp}/nll_before": ct["nll_before"], f"{cp}/nll_after": ct["nll_after"], f"{cp}/T": calib["T"],
+    }
+    path = write_json(t.out_dir / f"linear{suffix}.json", payload)
+    update_run_summary(t, payload["metrics"])
+    print(f"linear probe ({args.mode}, {optimizer})  {t.description}  on {t.cfg.data.name}: "
+          f"train {m['train_top1']:.2f}  val {m['val_top1']:.2f}  test {m['test_top1']:.2f} (top-5 {m['test_top5']:.2f})  "
+          f"chosen lr={m['chosen']['lr']:g} wd={m['chosen']['wd']:g}")
+    print(f"calibration (test): ECE {100 * ct['ece_before']:.2f}% -> {100 * ct['ece_after']:.2f}%  "
+          f"NLL {ct['nll_before']:.4f} -> {ct['nll_after']:.4f}  T = {calib['T']:.3f}")
+    print(f"wrote {path} and {png}", flush=True)
+    return payload

@@ -1,0 +1,121 @@
+"""Representation diagnostics of a trained encoder on the test set.
+
+- Alignment and uniformity (Wang & Isola 2020; :mod:`simclr_tau.losses.diagnostics`) of the encoder's
+  L2-normalized features (the representation that kNN and the linear probe read, not the projection).
+  Alignment needs positive pairs: two independent SimCLR views (``simclr_view_transform`` with the run's
+  ``augment`` config, seeded) of the same ``n`` test images. Uniformity is computed on the clean
+  (eval-transform) features of those images.
+- For a run with a conditional temperature (``temperature.mode=conditional``): the per-sample τ of every
+  test image, computed by the run's own τ head. The exported encoder holds only the backbone, so the
+  method (encoder + projector (+ predictor) + τ head) is rebuilt from the config and loaded from the last
+  checkpoint ``run_dir/checkpoints/step_*.pt``; τ_i = temperature(projection of the clean image). Reported:
+  AUROC of τ as an uncertainty score for kNN errors (positive = misclassified; 0.5 = uninformative,
+  > 0.5 = higher τ on errors), mean τ on correct / wrong predictions and per class. Runs without a
+  per-sample τ get ``{"skipped": reason}``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from simclr_tau.errors import UserError
+from simclr_tau.evaluation.calibration import auroc
+from simclr_tau.evaluation.features import extract_features
+from simclr_tau.losses.diagnostics import alignment, uniformity
+
+
+def _subset(dataset: Any, n: Optional[int], seed: int) -> Any:
+    from simclr_tau.data.datasets import TensorImageDataset
+
+    if n is None or n >= len(dataset):
+        return dataset
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    if getattr(dataset, "images", None) is not None:
+        return TensorImageDataset(dataset.images[idx], dataset.labels[idx], dataset.classes)
+    return torch.utils.data.Subset(dataset, idx.tolist())
+
+
+def alignment_uniformity(
+    encoder: nn.Module, dataset: Any, clean_transform: Callable, view_transform: Callable, n: Optional[int] = 1000,
+    batch_size: int = 256, seed: int = 0, accelerator: Any = None,
+) -> Dict[str, float]:
+    """``{"alignment": ..., "uniformity": ..., "n": ...}`` on a seeded subset of ``n`` images (lower is better)."""
+    data = _subset(dataset, n, seed)
+    clean, _ = extract_features(encoder, data, clean_transform, batch_size, accelerator)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        v1, _ = extract_features(encoder, data, view_transform, batch_size, accelerator)
+        v2, _ = extract_features(encoder, data, view_transform, batch_size, accelerator)
+    return {"alignment": float(alignment(v1, v2)), "uniformity": float(uniformity(clean)), "n": len(data)}
+
+
+def _last_checkpoint(run_dir: Path) -> Optional[Path]:
+    from simclr_tau.train.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run_dir / "checkpoints")
+    return found[-1] if found else None
+
+
+def load_method(run_dir: Path, cfg: Any, in_chans: int) -> nn.Module:
+    """The run's method (encoder, projector, τ head) from its last checkpoint, in eval mode."""
+    from simclr_tau.methods import build_method
+    from simclr_tau.train.checkpoint import load_checkpoint
+
+    path = _last_checkpoint(run_dir)
+    if path is None:
+        raise UserError(f"{run_dir}/checkpoints: no step_*.pt checkpoint to read the temperature head from")
+    state = load_checkpoint(path)
+    method = build_method(cfg, in_chans, 1, 1)
+    try:
+        method.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as e:
+        raise UserError(f"{path} does not match the run's config ({str(e).splitlines()[0][:300]})") from None
+    return method.eval()
+
+
+@torch.no_grad()
+def per_sample_tau(method: nn.Module, dataset: Any, transform: Callable, batch_size: int = 256) -> Tensor:
+    """τ_i of every image: temperature(projection) (MoCo v3: of the predictor's output), shape (N,)."""
+    from simclr_tau.evaluation.features import make_loader
+
+    device = next(method.parameters()).device
+    taus: List[Tensor] = []
+    for x, _ in make_loader(dataset, transform, batch_size):
+        z = method.projector(method.encoder(x.to(device)))
+        if getattr(method, "predictor", None) is not None:
+            z = method.predictor(z)
+        taus.append(method.temperature(z).float().cpu().view(-1))
+    return torch.cat(taus)
+
+
+def conditional_tau_report(
+    run_dir: Optional[Path], cfg: Any, dataset: Any, transform: Callable, knn_correct: Tensor, in_chans: int,
+    batch_size: int = 256, class_names: Optional[List[str]] = None,
+) -> Dict[str, Any]:
+    """AUROC of per-sample τ for kNN errors and mean τ per class; ``{"skipped": why}`` when not applicable."""
+    mode = cfg.temperature.mode
+    if mode != "conditional":
+        return {"skipped": f"temperature.mode={mode}: no per-sample τ"}
+    if run_dir is None or _last_checkpoint(Path(run_dir)) is None:
+        return {"skipped": "no checkpoint (run_dir/checkpoints/step_*.pt) holding the τ head"}
+    method = load_method(Path(run_dir), cfg, in_chans)
+    tau = per_sample_tau(method, dataset, transform, batch_size)
+    labels = dataset.labels if hasattr(dataset, "labels") else torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    wrong = ~knn_correct.bool()
+    per_class = {}
+    for c in torch.unique(labels).tolist():
+        name = class_names[c] if class_names and c < len(class_names) else str(c)
+        per_class[name] = float(tau[labels == c].mean())
+    return {
+        "auroc_tau_vs_knn_error": auroc(tau, wrong),
+        "tau_mean": float(tau.mean()),
+        "tau_std": float(tau.std()) if len(tau) > 1 else 0.0,
+        "tau_mean_correct": float(tau[~wrong].mean()) if (~wrong).any() else float("nan"),
+        "tau_mean_wrong": float(tau[wrong].mean()) if wrong.any() else float("nan"),
+        "tau_mean_per_class": per_class,
+        "n": int(len(tau)),
+    }

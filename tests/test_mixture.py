@@ -252,7 +252,11 @@ def test_example_config_builds_a_mixture_that_feeds_the_pretraining_loader() -> 
     cfg.data.mixture.num_samples = 64
     ds, sampler = build_mixture(cfg.data, cfg.data.sources, cfg.data.mixture, seed=0, batch_size=16, epochs=4)
     assert len(ds) == 64 and sampler.names == ["synthetic", "synthetic_1"]
-    assert sampler.T(0) == pytest.approx(cfg.data.mixture.schedule.start)  # a scheduled T
+    sched = cfg.data.mixture.schedule
+    assert sampler.T(0) == pytest.approx(sched.start)  # a scheduled T over the run: 4 epochs x 4 steps
+    assert sampler.T(8) == pytest.approx((sched.start + sched.end) / 2) and sampler.T(16) == pytest.approx(sched.end)
+    _, short = build_mixture(cfg.data, cfg.data.sources, cfg.data.mixture, seed=0, batch_size=16, epochs=4, max_steps=8)
+    assert short.T(8) == pytest.approx(sched.end)  # train.max_steps shortens the schedule like the run
     norm = normalization("mixture", ds)
     aug = BatchAugment(AugmentConfig(enabled=False), ds.image_size, ds.channels, norm.mean, norm.std)
     loader = _BatchedLoader(ds.images, aug, sampler, 16, 1, 0, 0, torch.device("cpu"))

@@ -286,13 +286,14 @@ def _source_names(sources: Sequence[Any]) -> List[str]:
 
 
 def build_mixture(data_cfg: Any, sources: Sequence[Any], mixture: Any, *, seed: int, batch_size: int,
-                  total_steps: Optional[int] = None, epochs: Optional[int] = None) -> Tuple[MixtureDataset, MixtureSampler]:
+                  epochs: int = 1, max_steps: Optional[int] = None) -> Tuple[MixtureDataset, MixtureSampler]:
     """Build the dataset and the (global-sequence) sampler of a mixture.
 
     ``sources``: a list of dicts, each a set of ``DataConfig`` overrides of ``data_cfg`` plus ``score`` (w_i),
     e.g. ``[{"name": "fashion_mnist", "root": "...", "score": 2.0}, {"name": "synthetic", "score": 1.0}]``.
-    ``mixture``: a :class:`MixtureConfig` (or dict). The schedule of a scheduled T spans ``total_steps``
-    (default ``epochs`` x steps per epoch). Errors are :class:`UserError` naming ``data.sources[i]`` / ``data.mixture``.
+    ``mixture``: a :class:`MixtureConfig` (or dict). The schedule of a scheduled T spans the run's
+    ``min(epochs x steps per epoch, max_steps)`` steps, steps per epoch = draws per epoch // ``batch_size``
+    (``train.epochs``, ``train.max_steps``, ``train.batch_size``: the pretraining loop's own step count). Errors are :class:`UserError` naming ``data.sources[i]`` / ``data.mixture``.
     """
     from omegaconf import OmegaConf
 
@@ -326,7 +327,7 @@ def build_mixture(data_cfg: Any, sources: Sequence[Any], mixture: Any, *, seed: 
     T: TemperatureLike = _check_T(mix.temperature, "data.mixture.temperature")
     if mix.schedule is not None:
         spe = max((mix.num_samples or len(dataset)) // batch_size, 1)
-        total = total_steps if total_steps is not None else spe * (epochs or 1)
+        total = min(spe * epochs, max_steps) if max_steps is not None else spe * epochs
         T = Schedule(mix.schedule, spe, total, "data.mixture.schedule")
     sampler = MixtureSampler(dataset.sizes, scores if mix.weighting == "scores" else None, T, names=names,
                              num_samples=mix.num_samples, batch_size=batch_size, seed=seed)

@@ -75,7 +75,8 @@ class FrozenTeacher(nn.Module):
         f = self.encoder(x * self.scale + self.shift).float()  # B x F
         if not self.has_probe:
             return f
-        return ((f - self.probe_mean) / self.probe_std) @ self.probe_weight + self.probe_bias  # B x C
+        with torch.autocast(device_type=f.device.type, enabled=False):  # float32 logits, not bf16
+            return ((f - self.probe_mean) / self.probe_std) @ self.probe_weight + self.probe_bias  # B x C
 
 
 def _renamed(stats: Dict[str, Tensor], name: str) -> Dict[str, Tensor]:

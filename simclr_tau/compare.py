@@ -211,26 +211,28 @@ def _tau_text(r: RunData) -> str:
     return fmt(final_tau(r))
 
 
-_KNN_KEY = re.compile(r"^knn/top1_k(\d+)_(?:t([0-9.eE+-]+)|(vote))$")
+_KNN_KEY = re.compile(r"^(online_)?knn/top1_k(\d+)_(?:t([0-9.eE+-]+)|(vote))$")
 
 
 def knn_order(key: str) -> tuple:
     """Sort key of a kNN metric name: by k, then T (vote last)."""
     m = _KNN_KEY.match(key)
-    return (int(m.group(1)), float(m.group(2)) if m.group(2) else math.inf, key) if m else (math.inf, math.inf, key)
+    if not m:
+        return (math.inf, math.inf, math.inf, key)
+    return (1 if m.group(1) else 0, int(m.group(2)), float(m.group(3)) if m.group(3) else math.inf, key)
 
 
 def knn_keys(runs: Sequence[RunData]) -> List[str]:
     """knn/top1_k<k>_t<T> (and _vote) keys of any run's final metrics, sorted by k then T."""
-    return sorted({k for r in runs for k in r.final if k.startswith("knn/top1_")}, key=knn_order)
+    return sorted({k for r in runs for k in r.final if k.startswith(("knn/top1_", "online_knn/top1_"))}, key=knn_order)
 
 
 def knn_label(key: str) -> str:
-    """knn/top1_k20_t0.07 -> 'kNN k=20 T=0.07' (k20_vote -> 'kNN k=20 vote')."""
+    """knn/top1_k20_t0.07 -> 'kNN k=20 T=0.07' (k20_vote -> 'kNN k=20 vote'; online_knn/... -> 'online kNN ...')."""
     m = _KNN_KEY.match(key)
     if not m:
         return key
-    return f"kNN k={m.group(1)} " + (f"T={m.group(2)}" if m.group(2) else "vote")
+    return ("online " if m.group(1) else "") + f"kNN k={m.group(2)} " + (f"T={m.group(3)}" if m.group(3) else "vote")
 
 
 def metric_columns(runs: Sequence[RunData], extra: Sequence[str] = ()) -> List[Column]:

@@ -71,6 +71,7 @@ class DataConfig:
     synthetic_size: int = 256  # synthetic: number of images
     synthetic_classes: int = 4  # synthetic: number of classes
     synthetic_image_size: int = 16  # synthetic: side in pixels
+    synthetic_noise: float = 0.15  # synthetic: std of the per-pixel Gaussian noise (class patterns lie in [0, 1])
 
 
 @dataclass

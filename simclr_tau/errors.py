@@ -29,7 +29,9 @@ def exit_on_user_error(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            # one write call, so that lines of several processes cannot interleave mid-line
+            sys.stderr.write(f"error: {e}\n")
+            sys.stderr.flush()
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

@@ -137,7 +137,7 @@ def plot_knn_curves(runs: Sequence["RunData"], keys: Sequence[str], path: Path) 
         ax.set_xlabel("epoch")
         _integer_x(ax)
         ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_title(f"online {knn_label(key)}")
+        ax.set_title(knn_label(key))
         ax.grid(alpha=0.3)
     _legend_below(fig, list(shown.values()), list(shown))
     return _save(fig, path)
@@ -191,7 +191,7 @@ def plot_all(runs: Sequence["RunData"], out: Path, extra: Sequence[str] = ()) ->
         else:
             images.append((title, path))
 
-    online = sorted({k for r in runs for row in r.history for k in row if k.startswith("knn/top1_")}, key=knn_order)
+    online = sorted({k for r in runs for row in r.history for k in row if k.startswith("online_knn/top1_")}, key=knn_order)
     add("kNN top-1 vs epoch", plot_knn_curves(runs, online, out / "knn_vs_epoch.png"),
         "no online kNN rows in any run's metrics; pretrain with eval.online_knn_every=N")
     add("loss vs step", plot_lines(runs, "train/loss", out / "loss_vs_step.png", ylabel="contrastive loss",

@@ -70,7 +70,7 @@ def _curves(summary: Dict[str, Any]) -> List[List[str]]:
         groups.append(["train/tau"])
     if "train/tau_mean" in summary:
         groups.append([k for k in ("train/tau_mean", "train/tau_min", "train/tau_max") if k in summary])
-    groups += [[k] for k in summary if k.startswith("knn/top1_")]
+    groups += [[k] for k in summary if k.startswith("online_knn/top1_")]  # the per-epoch curves
     return groups
 
 

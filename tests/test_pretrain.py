@@ -189,9 +189,9 @@ def test_online_knn_is_logged_and_drives_a_plateau_schedule(tmp_path: Path) -> N
                    "temperature.schedule.start=0.5", "temperature.schedule.end=0.05", "temperature.schedule.patience=1",
                    "temperature.schedule.gamma=0.5")
     result = run(cfg)
-    rows = [r for r in metrics(result.run_dir) if "knn/top1_k5_t0.1" in r]
+    rows = [r for r in metrics(result.run_dir) if "online_knn/top1_k5_t0.1" in r]
     assert [r["step"] for r in rows] == [4, 8, 12]
-    accs = [r["knn/top1_k5_t0.1"] for r in rows]
+    accs = [r["online_knn/top1_k5_t0.1"] for r in rows]
     assert all(0.0 <= a <= 100.0 for a in accs)  # percent
     # τ after the run = 0.5 · 0.5^(drops); a drop happens after each evaluation that does not improve the best
     best, drops = None, 0

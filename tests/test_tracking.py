@@ -214,4 +214,4 @@ def test_sweep_yaml_arguments_are_our_overrides() -> None:
             assert flat[k] == v, (k, v, flat[k])
         assert flat["eval.online_knn_every"] == 1  # the sweep's metric is logged
     metric = sweep["metric"]["name"]
-    assert metric == f"knn/top1_k{cfg.eval.knn_k[0]}_t{cfg.eval.knn_t[0]:g}"
+    assert metric == f"online_knn/top1_k{cfg.eval.knn_k[0]}_t{cfg.eval.knn_t[0]:g}"

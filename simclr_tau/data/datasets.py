@@ -181,13 +181,18 @@ def _torchvision_dataset(name: str, root: str, split: str, download: bool) -> Te
         raise UserError(f"data.root={root}: {name} not found ({e}); set data.download=true when online") from None
 
 
-def make_synthetic(n: int, num_classes: int, size: int, channels: int = 1, seed: int = 0) -> TensorImageDataset:
-    """A small learnable dataset: each class is a fixed smooth random pattern, each image a noisy, shifted copy."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(num_classes, channels, 4, 4, generator=g)
+def make_synthetic(n: int, num_classes: int, size: int, channels: int = 1, seed: int = 0,
+                   noise: float = 0.15) -> TensorImageDataset:
+    """A small learnable dataset: each class is a fixed smooth random pattern, each image a noisy, shifted copy.
+
+    The class patterns are the same for every ``seed`` (so train and test splits share their classes);
+    ``seed`` draws only the noise and the shifts.
+    """
+    coarse = torch.rand(num_classes, channels, 4, 4, generator=torch.Generator().manual_seed(12345))
     protos = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % num_classes
-    x = protos[labels] + 0.15 * torch.randn(n, channels, size, size, generator=g)
+    x = protos[labels] + noise * torch.randn(n, channels, size, size, generator=g)
     shifts = torch.randint(-2, 3, (n, 2), generator=g)
     x = torch.stack([torch.roll(xi, (int(s[0]), int(s[1])), dims=(1, 2)) for xi, s in zip(x, shifts)])
     images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
@@ -214,13 +219,15 @@ def _build(cfg: Any, split: str) -> ImageDataset:
     elif name == "imagefolder":
         root = Path(cfg.val_root if split == "test" and cfg.val_root else cfg.root)
         if not root.is_dir():
-            raise UserError(f"data.root={root}: directory not found")
+            raise UserError(f"data.root={root}: directory not found; point data.root (or data.val_root) at an "
+                            "ImageFolder tree root/<class>/<image>")
         ds = FolderImageDataset(root)
         if len(ds) == 0:
             raise UserError(f"data.root={root}: no images found")
     elif name == "synthetic":
         n = cfg.synthetic_size if split != "test" else max(cfg.synthetic_size // 4, cfg.synthetic_classes)
-        ds = make_synthetic(n, cfg.synthetic_classes, cfg.synthetic_image_size, seed=0 if split != "test" else 1)
+        ds = make_synthetic(n, cfg.synthetic_classes, cfg.synthetic_image_size, seed=0 if split != "test" else 1,
+                            noise=cfg.synthetic_noise)
     else:
         raise UserError(f"data.name={name!r} is not valid")
     return _to_channels(ds, cfg.channels)

@@ -280,7 +280,8 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
                     t_log, last_log_step = now, step
                 if end_of_epoch and cfg.eval.online_knn_every and (step // steps_per_epoch) % cfg.eval.online_knn_every == 0:
                     knn = online_eval(step)
-                    record.log(knn, step, step / steps_per_epoch)
+                    # online_knn/...: a train subset as memory bank, distinct from the final `simclr-tau knn`
+                    record.log({f"online_{k}": v for k, v in knn.items()}, step, step / steps_per_epoch)
                     # a plateau τ schedule monitors the first (k, T) pair's top-1
                     core.temperature.observe(next(iter(knn.values())))
                 if ((end_of_epoch and (step // steps_per_epoch) % tc.save_every_epochs == 0) or step == total_steps

@@ -33,5 +33,5 @@ rnd = json.loads((run / "eval" / "knn_random_init.json").read_text())
 print(f"\nkNN top-1 on Fashion-MNIST test ({run}):")
 print(f"{'k':>5} {'T':>6} {'pretrained':>11} {'random init':>12}")
 for a, b in zip(pre["results"], rnd["results"]):
-    print(f"{a['k']:>5} {a['T']:>6} {100*a['top1']:>10.2f}% {100*b['top1']:>11.2f}%")
+    print(f"{a['k']:>5} {a['T']:>6} {a['top1']:>10.2f}% {b['top1']:>11.2f}%")
 PY

@@ -263,83 +263,52 @@ def _with_labels(batches: Any, labels: torch.Tensor, sampler: Any, epoch: int, s
 
 def run(cfg: Any, resume: Optional[str] = None) -> Any:
     """Distill as ``cfg`` (a validated DistillConfig) says; returns a RunResult (run_dir, step)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    from simclr_tau.data.batch_augment import BatchAugment
-    from simclr_tau.data.augment import simclr_view_transform
     from simclr_tau.data.datasets import build_pretrain_dataset, normalization
-    from simclr_tau.data.pipeline import EpochSampler, TwoViewDataset
+    from simclr_tau.data.pipeline import EpochSampler
     from simclr_tau.methods.distill import build_distill_method
     from simclr_tau.models.export import save_encoder
     from simclr_tau.tracking import RunRecord, run_tags
-    from simclr_tau.train.checkpoint import atomic_save, checkpoint_path, load_checkpoint, prune
-    from simclr_tau.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
-    from simclr_tau.train.pretrain import (RunResult, _BatchedLoader, _last_metric, _nullcontext, _resolve_resume,
-                                           _ShardedLoader, _stop_nonfinite, _StopFlag, _truncate_metrics)
+    from simclr_tau.train.checkpoint import load_checkpoint
+    from simclr_tau.train.loaders import build_loader, global_micro_batch
+    from simclr_tau.train.loop import (Trainer, last_metric, load_training_state, online_knn_fn, open_run,
+                                       truncate_metrics)
+    from simclr_tau.train.optim import build_optimizer, scaled_lr
+    from simclr_tau.train.pretrain import RunResult, start_accelerator
 
     tc = cfg.train
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=tc.mixed_precision)
+    accelerator = start_accelerator(tc)
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    set_seed(tc.seed)
-    if tc.deterministic:
-        torch.use_deterministic_algorithms(True)
 
-    # ---- data (as pretraining) -----------------------------------------------------------------
+    # ---- data (as pretraining, plus labels) ------------------------------------------------------
     dataset = build_pretrain_dataset(cfg.data)
-    micro = tc.batch_size // tc.grad_accum
-    if tc.batch_size > len(dataset):
-        raise UserError(f"train.batch_size={tc.batch_size} is larger than the dataset ({len(dataset)} images)")
-    if micro % world or micro // world < 2:
-        raise UserError(f"train.batch_size / train.grad_accum = {micro} must be divisible by the {world} processes "
-                        "into at least 2 samples each")
+    micro = global_micro_batch(tc, len(dataset), world)
     if cfg.train.method == "kd" and (dataset.labels < 0).any():
         raise UserError(f"train.method=kd needs labels; data.name={cfg.data.name} has unlabelled images (STL-10 unlabeled)")
     steps_per_epoch = len(dataset) // tc.batch_size
     total_steps = min(tc.epochs * steps_per_epoch, tc.max_steps or tc.epochs * steps_per_epoch)
     image_size = cfg.data.image_size or dataset.image_size
     norm = normalization(cfg.data.name, dataset)
-    sampler = EpochSampler(len(dataset), tc.seed)
-    pipeline = cfg.data.pipeline if cfg.data.pipeline != "auto" else ("batched" if dataset.images is not None else "dataloader")
-    if pipeline == "batched":
-        if dataset.images is None:
-            raise UserError("data.pipeline=batched needs an in-memory dataset; use data.pipeline=dataloader for imagefolder")
-        augment = BatchAugment(cfg.augment, image_size, dataset.channels, norm.mean, norm.std)
-        loader: Any = _BatchedLoader(dataset.images, augment, sampler, micro, world, rank, tc.seed, accelerator.device)
-    else:
-        view = simclr_view_transform(cfg.augment, image_size, dataset.channels, norm.mean, norm.std)
-        loader = _ShardedLoader(TwoViewDataset(dataset, view, tc.seed), sampler, micro, world, rank, cfg.data.num_workers)
+    loader = build_loader(cfg, dataset, image_size, norm.mean, norm.std, EpochSampler(len(dataset), tc.seed), micro,
+                          world, rank, accelerator.device)
     label_sampler = EpochSampler(len(dataset), tc.seed)  # a twin: the loader iterates its own
 
     # ---- run directory, teacher, student -------------------------------------------------------
     run_name = tc.run_name or (f"distill-{tc.method}-{run_tags(cfg)['tau_mode']}-{cfg.data.name}-{cfg.model.backbone}-"
                                f"{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(tc.output_dir) / run_name
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt = _resolve_resume(resume, run_dir)
-    if ckpt is None and (run_dir / "metrics.jsonl").exists():
-        raise UserError(f"run directory {run_dir} already holds a run; resume it with --resume auto "
-                        "or choose another train.run_name")
-    accelerator.wait_for_everyone()  # every process has looked at the run directory before anyone writes to it
+    ckpt = open_run(run_dir, run_name, resume, accelerator)
     teacher, teacher_metrics = build_teacher(cfg, dataset, image_size, norm, accelerator, run_dir, ckpt is not None)
     method = build_distill_method(cfg, teacher, dataset.channels, steps_per_epoch, total_steps)
     if cfg.model.sync_bn and world > 1:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    peak_lr = scaled_lr(cfg.optim, tc.batch_size)
-    optimizer = build_optimizer(cfg.optim, method, cfg.temperature.lr_scale, peak_lr)
+    optimizer = build_optimizer(cfg.optim, method, cfg.temperature.lr_scale, scaled_lr(cfg.optim, tc.batch_size))
     method, optimizer = accelerator.prepare(method, optimizer)
     core = accelerator.unwrap_model(method)
-    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
 
     start_step, wandb_id = 0, None
     if ckpt is not None:
         state = load_checkpoint(ckpt)
-        missing, unexpected = core.load_state_dict(state["model"], strict=False)
-        if unexpected or any(not k.startswith("teacher.") for k in missing):
-            raise UserError(f"--resume {ckpt}: not a checkpoint of this distillation (missing "
-                            f"{[k for k in missing if not k.startswith('teacher.')][:3]}, unexpected {unexpected[:3]})")
-        optimizer.load_state_dict(state["optimizer"])
+        load_training_state(core, optimizer, state, ckpt, not_saved=("teacher.",))  # the teacher is on disk
         start_step, wandb_id = int(state["step"]), state.get("wandb_id")
         if is_main:
             print(f"resumed from {ckpt} at step {start_step}", flush=True)
@@ -347,115 +316,27 @@ def run(cfg: Any, resume: Optional[str] = None) -> Any:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "distill.yaml").write_text(to_yaml(cfg))
         (run_dir / "config.yaml").write_text(eval_view_yaml(cfg))
-        if ckpt is not None:
-            _truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        if resume is not None:
+            truncate_metrics(run_dir / "metrics.jsonl", start_step)
     record = RunRecord(run_dir, cfg, run_name, is_main, wandb_id)
 
-    def first_bad_step() -> int:
-        """The first step (numbered as in metrics.jsonl) with a non-finite loss on any process, or -1."""
-        bad = accelerator.gather(first_bad.reshape(1)) if world > 1 else first_bad.reshape(1)
-        bad = bad[bad >= 0]
-        return int(bad.min().item()) + 1 if bad.numel() else -1  # a host sync: only at log / save time
+    trainer = Trainer(cfg, accelerator, method, optimizer, record, run_dir, run_name, steps_per_epoch, total_steps,
+                      online_eval=online_knn_fn(cfg, accelerator, core.encoder, image_size, dataset.channels,
+                                                norm.mean, norm.std),
+                      not_saved=("teacher.",),
+                      postfix_keys=("train/loss", "train/tau_s", "train/T", "train/images_per_s"))
 
-    def save(step: int) -> None:
-        bad = first_bad_step()
-        if bad > 0:  # never checkpoint a diverged student
-            _stop_nonfinite(record, bad, ckpt_dir)
-        if is_main:
-            student = {k: v for k, v in core.state_dict().items() if not k.startswith("teacher.")}  # the teacher is on disk
-            atomic_save({"model": student, "optimizer": optimizer.state_dict(), "step": step,
-                         "epoch": step / steps_per_epoch, "run_name": run_name, "wandb_id": record.wandb_id or ""},
-                        checkpoint_path(ckpt_dir, step))
-            prune(ckpt_dir, tc.keep_last)
-        accelerator.wait_for_everyone()
+    def batches(epoch: int, skip: int):
+        return _with_labels(loader.epoch(epoch, skip, tc.grad_accum), dataset.labels, label_sampler, epoch, skip,
+                            tc.grad_accum, micro, world, rank)
 
-    eval_data: Dict[str, Any] = {}
-
-    def online_eval() -> Dict[str, float]:
-        from simclr_tau.data.augment import eval_transform
-        from simclr_tau.data.datasets import build_eval_datasets
-        from simclr_tau.evaluation.knn import online_knn
-
-        if not eval_data:
-            eval_data["train"], eval_data["test"] = build_eval_datasets(cfg.data)
-            eval_data["tf"] = eval_transform(image_size, dataset.channels, norm.mean, norm.std)
-        return online_knn(core.encoder, eval_data["train"], eval_data["test"], eval_data["tf"], list(cfg.eval.knn_k),
-                          list(cfg.eval.knn_t), cfg.eval.online_knn_subset, accelerator, cfg.eval.batch_size, tc.seed)
-
-    # ---- loop (pretraining's, with labels) ----------------------------------------------------
-    device = accelerator.device
-    loss_sum = torch.zeros((), device=device)
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    step, stopped_early = start_step, False
-    bar = tqdm(total=total_steps, initial=start_step, disable=not (is_main and tc.progress), unit="step",
-               dynamic_ncols=True, desc=run_name[:40])
-    t_log, last_log_step = time.perf_counter(), step
-    method.train()
-    with _StopFlag() as stop:
-        while step < total_steps:
-            epoch = step // steps_per_epoch
-            skip = step - epoch * steps_per_epoch
-            batches = _with_labels(loader.epoch(epoch, skip_steps=skip, accum=tc.grad_accum), dataset.labels,
-                                   label_sampler, epoch, skip, tc.grad_accum, micro, world, rank)
-            for micro_batches in batches:
-                core.before_step(step)
-                set_lr(optimizer, lr_at(step, total_steps, warmup_steps, peak_lr, cfg.optim.final_lr_ratio))
-                for i, (x, y) in enumerate(micro_batches):
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    ctx = accelerator.no_sync(method) if i < len(micro_batches) - 1 else _nullcontext()
-                    with ctx, accelerator.autocast():
-                        loss, logs = method(x, y)
-                        accelerator.backward(loss / len(micro_batches))
-                    loss_sum += loss.detach() / len(micro_batches)
-                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
-                                            torch.full_like(first_bad, step), first_bad)
-                if cfg.optim.grad_clip is not None:
-                    accelerator.clip_grad_norm_(method.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                core.after_step(step)
-                step += 1
-                bar.update(1)
-                end_of_epoch = step % steps_per_epoch == 0
-                if step % tc.log_every == 0 or end_of_epoch or step == total_steps or stop.requested:
-                    bad = first_bad_step()
-                    if bad > 0:
-                        _stop_nonfinite(record, bad, ckpt_dir)
-                    now = time.perf_counter()
-                    n_steps = step - last_log_step
-                    metrics = {"train/loss": (accelerator.reduce(loss_sum, reduction="mean") / n_steps).item(),
-                               "train/lr": optimizer.param_groups[0]["lr"],
-                               "train/images_per_s": n_steps * tc.batch_size / max(now - t_log, 1e-9)}
-                    metrics.update({f"train/{k}": v for k, v in logs.items()})
-                    record.log(metrics, step, step / steps_per_epoch)
-                    bar.set_postfix({k.split("/")[-1]: f"{float(v):.4g}" for k, v in metrics.items()
-                                     if k in ("train/loss", "train/tau_s", "train/T", "train/images_per_s")})
-                    loss_sum.zero_()
-                    t_log, last_log_step = now, step
-                if end_of_epoch and cfg.eval.online_knn_every and (step // steps_per_epoch) % cfg.eval.online_knn_every == 0:
-                    knn = online_eval()
-                    record.log(knn, step, step / steps_per_epoch)
-                    core.observe(next(iter(knn.values())))
-                if ((end_of_epoch and (step // steps_per_epoch) % tc.save_every_epochs == 0) or step == total_steps
-                        or (tc.save_every_steps and step % tc.save_every_steps == 0) or stop.requested):
-                    save(step)
-                if stop.requested:
-                    stopped_early = True
-                    if is_main:
-                        print(f"stopped by signal at step {step}; checkpoint saved in {ckpt_dir}. "
-                              f"Resume with --resume auto (train.run_name={run_name})", flush=True)
-                    break
-                if step >= total_steps:
-                    break
-            if stopped_early:
-                break
-    bar.close()
+    step, stopped_early = trainer.fit(start_step, batches)
 
     if is_main and not stopped_early:
         save_encoder(run_dir / "encoder.safetensors", core.encoder, cfg.model, dataset.channels, image_size,
                      norm.mean, norm.std)
         record.update_summary({"step": step, "epochs": step / steps_per_epoch, "images": step * tc.batch_size,
-                               "final/train_loss": _last_metric(run_dir, "train/loss"), **teacher_metrics})
+                               "final/train_loss": last_metric(run_dir, "train/loss"), **teacher_metrics})
     record.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()

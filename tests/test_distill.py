@@ -176,14 +176,14 @@ def test_labels_follow_the_loaders_slices():
     """Image i has pixel value i, so every sample of a batch says which image it is."""
     from simclr_tau.data.batch_augment import BatchAugment
     from simclr_tau.data.pipeline import EpochSampler
-    from simclr_tau.train.pretrain import _BatchedLoader
+    from simclr_tau.train.loaders import BatchedLoader
 
     n, micro, world, accum = 64, 8, 2, 2
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 4, 4).contiguous()
     labels = torch.randperm(n, generator=torch.Generator().manual_seed(0)) + 100
     aug = BatchAugment(AugmentConfig(enabled=False), 4, 1, [0.0], [1.0])
     for rank in range(world):
-        loader = _BatchedLoader(images, aug, EpochSampler(n, 3), micro, world, rank, 0, torch.device("cpu"))
+        loader = BatchedLoader(images, aug, EpochSampler(n, 3), micro, world, rank, 0, torch.device("cpu"))
         groups = list(_with_labels(loader.epoch(1, skip_steps=1, accum=accum), labels, EpochSampler(n, 3), 1, 1, accum,
                                    micro, world, rank))
         assert len(groups) == n // micro // accum - 1
@@ -374,7 +374,8 @@ def test_two_processes_give_the_same_per_step_losses_as_one(tmp_path, teacher_ru
 
 def test_a_diverging_run_stops_with_a_one_line_error_and_keeps_only_finite_checkpoints(tmp_path, teacher_run):
     cfg = distill_cfg(tmp_path, teacher_run, "train.run_name=nan", "optim.lr=1e30", "train.save_every_steps=1")
-    with pytest.raises(ValueError, match=r"non-finite loss at step \d+") as exc:
+    # caught either as a non-finite loss or, when the loss was still finite, as non-finite weights before a save
+    with pytest.raises(ValueError, match=r"non-finite (loss at|weights after) step \d+") as exc:
         run(cfg)
     bad = int(re.search(r"step (\d+)", str(exc.value)).group(1))
     saved = [int(p.stem.split("_")[1]) for p in list_checkpoints(tmp_path / "nan" / "checkpoints")]

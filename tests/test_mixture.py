@@ -242,7 +242,7 @@ def test_example_config_builds_a_mixture_that_feeds_the_pretraining_loader() -> 
     from simclr_tau.config import load_config
     from simclr_tau.data.batch_augment import BatchAugment
     from simclr_tau.data.datasets import normalization
-    from simclr_tau.train.pretrain import _BatchedLoader
+    from simclr_tau.train.loaders import BatchedLoader
 
     cfg = load_config(REPO / "configs" / "mixture_example.yaml", schema=_Cfg)
     assert [s["score"] for s in cfg.data.sources] == [2.0, 0.0]
@@ -259,7 +259,7 @@ def test_example_config_builds_a_mixture_that_feeds_the_pretraining_loader() -> 
     assert short.T(8) == pytest.approx(sched.end)  # train.max_steps shortens the schedule like the run
     norm = normalization("mixture", ds)
     aug = BatchAugment(AugmentConfig(enabled=False), ds.image_size, ds.channels, norm.mean, norm.std)
-    loader = _BatchedLoader(ds.images, aug, sampler, 16, 1, 0, 0, torch.device("cpu"))
+    loader = BatchedLoader(ds.images, aug, sampler, 16, 1, 0, 0, torch.device("cpu"))
     batches = list(loader.epoch(0, skip_steps=0, accum=1))
     assert len(batches) == 4 and batches[0][0][0].shape == (16, 1, 28, 28)
 

@@ -233,6 +233,10 @@ class MoCo(nn.Module):
         self._momentum_update_key_encoder(self.momentum_at(step))
         self.temperature.project_()
 
+    def observe(self, metric: float) -> None:
+        """A monitored metric (online kNN top-1) for a plateau τ schedule."""
+        self.temperature.observe(metric)
+
 
 def build_moco(cfg: Any, in_chans: int, steps_per_epoch: int, total_steps: int) -> MoCo:
     """Build MoCo v2 (``train.method=mocov2``) or v3 (``mocov3``) from a :class:`~simclr_tau.config.Config`."""

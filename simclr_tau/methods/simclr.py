@@ -40,3 +40,7 @@ class SimCLR(nn.Module):
 
     def after_step(self, step: int) -> None:
         self.temperature.project_()
+
+    def observe(self, metric: float) -> None:
+        """A monitored metric (online kNN top-1) for a plateau τ schedule."""
+        self.temperature.observe(metric)

@@ -268,10 +268,8 @@ def run(cfg: Any, resume: Optional[str] = None) -> Any:
     from simclr_tau.methods.distill import build_distill_method
     from simclr_tau.models.export import save_encoder
     from simclr_tau.tracking import RunRecord, run_tags
-    from simclr_tau.train.checkpoint import load_checkpoint
     from simclr_tau.train.loaders import build_loader, global_micro_batch
-    from simclr_tau.train.loop import (Trainer, last_metric, load_training_state, online_knn_fn, open_run,
-                                       truncate_metrics)
+    from simclr_tau.train.loop import Trainer, last_metric, online_knn_fn, open_run, restore, write_run_files
     from simclr_tau.train.optim import build_optimizer, scaled_lr
     from simclr_tau.train.pretrain import RunResult, start_accelerator
 
@@ -305,19 +303,9 @@ def run(cfg: Any, resume: Optional[str] = None) -> Any:
     method, optimizer = accelerator.prepare(method, optimizer)
     core = accelerator.unwrap_model(method)
 
-    start_step, wandb_id = 0, None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
-        load_training_state(core, optimizer, state, ckpt, not_saved=("teacher.",))  # the teacher is on disk
-        start_step, wandb_id = int(state["step"]), state.get("wandb_id")
-        if is_main:
-            print(f"resumed from {ckpt} at step {start_step}", flush=True)
+    start_step, wandb_id = restore(core, optimizer, ckpt, accelerator, not_saved=("teacher.",))  # teacher: on disk
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "distill.yaml").write_text(to_yaml(cfg))
-        (run_dir / "config.yaml").write_text(eval_view_yaml(cfg))
-        if resume is not None:
-            truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        write_run_files(run_dir, {"distill.yaml": to_yaml(cfg), "config.yaml": eval_view_yaml(cfg)}, resume, start_step)
     record = RunRecord(run_dir, cfg, run_name, is_main, wandb_id)
 
     trainer = Trainer(cfg, accelerator, method, optimizer, record, run_dir, run_name, steps_per_epoch, total_steps,

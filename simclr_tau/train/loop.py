@@ -30,6 +30,7 @@ from simclr_tau.train.checkpoint import (
     checkpoint_path,
     latest_valid_checkpoint,
     list_checkpoints,
+    load_checkpoint,
     prune,
 )
 from simclr_tau.train.optim import lr_at, scaled_lr, set_lr
@@ -144,6 +145,27 @@ def load_training_state(core: torch.nn.Module, optimizer: Any, state: Any, ckpt:
         raise UserError(f"--resume {ckpt}: its optimizer state does not match this config's optimizer "
                         f"({str(e).splitlines()[0][:150]}): resume with the config the checkpoint was trained "
                         "with") from None
+
+
+def restore(core: torch.nn.Module, optimizer: Any, ckpt: Optional[Path], accelerator: Any,
+            not_saved: Sequence[str] = ()) -> Tuple[int, Optional[str]]:
+    """Load ``ckpt`` (if any) into the model and optimizer. Returns (start step, W&B run id)."""
+    if ckpt is None:
+        return 0, None
+    state = load_checkpoint(ckpt)
+    load_training_state(core, optimizer, state, ckpt, not_saved)
+    if accelerator.is_main_process:
+        print(f"resumed from {ckpt} at step {int(state['step'])}", flush=True)
+    return int(state["step"]), state.get("wandb_id") or None
+
+
+def write_run_files(run_dir: Path, files: Dict[str, str], resume: Optional[str], start_step: int) -> None:
+    """Create the run directory with ``files`` (name -> text); on resume, cut metrics.jsonl at ``start_step``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (run_dir / name).write_text(text)
+    if resume is not None:
+        truncate_metrics(run_dir / "metrics.jsonl", start_step)
 
 
 def stop_nonfinite(record: RunRecord, step: int, ckpt_dir: Path, what: str = "non-finite loss at") -> None:

@@ -41,6 +41,16 @@ class ScheduleConfig:
 
 
 @dataclass
+class MixtureConfig:
+    """How the sources of ``data.sources`` are mixed (formulas: :mod:`simclr_tau.data.mixture`)."""
+
+    weighting: str = "scores"  # scores: P(i|T) = softmax(w/T)_i, w = each source's `score` | size: p_i ∝ n_i^(1/T)
+    temperature: float = 1.0  # T, constant
+    schedule: Optional[ScheduleConfig] = None  # T per optimizer step instead (e.g. linear 10 -> 1: broad -> focused)
+    num_samples: Optional[int] = None  # draws per epoch; None = the total number of images of all sources
+
+
+@dataclass
 class TemperatureConfig:
     """How τ behaves. See :mod:`simclr_tau.temperature` for the formulas."""
 
@@ -59,7 +69,7 @@ class TemperatureConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | stl10 | imagefolder | synthetic
+    name: str = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | stl10 | imagefolder | synthetic | mixture
     root: str = "data"  # dataset directory (fashion_mnist: directory holding the idx .gz files)
     download: bool = False  # let torchvision download fashion_mnist / cifar / stl10 when online
     val_root: Optional[str] = None  # imagefolder: held-out split for evaluation (default: root)
@@ -72,6 +82,8 @@ class DataConfig:
     synthetic_classes: int = 4  # synthetic: number of classes
     synthetic_image_size: int = 16  # synthetic: side in pixels
     synthetic_noise: float = 0.15  # synthetic: std of the per-pixel Gaussian noise (class patterns lie in [0, 1])
+    sources: List[Dict[str, Any]] = field(default_factory=list)  # name=mixture: data.* overrides + `score` per source
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)  # name=mixture: temperature sampling over sources
 
 
 @dataclass
@@ -230,7 +242,7 @@ def _positive(value: Optional[float], field_name: str) -> None:
 TEMPERATURE_MODES = ("fixed", "learnable", "conditional", "scheduled")
 PARAMETRIZATIONS = ("log", "softplus", "relu")
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "exponential", "step", "plateau")
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic", "mixture")
 METHODS = ("simclr", "mocov2", "mocov3")
 
 
@@ -283,6 +295,9 @@ def validate(cfg: Any) -> None:
     _choice(cfg.data.name, "data.name", DATASETS)
     _choice(cfg.data.channels, "data.channels", ("native", "rgb"))
     _choice(cfg.data.pipeline, "data.pipeline", ("auto", "batched", "dataloader"))
+    if (cfg.data.name == "mixture") != bool(cfg.data.sources):
+        raise UserError("data.name=mixture needs data.sources (a list of data.* overrides with a score each), "
+                        "and data.sources needs data.name=mixture")
     _choice(cfg.train.method, "train.method", METHODS)
     _choice(cfg.train.mixed_precision, "train.mixed_precision", ("no", "bf16", "fp16"))
     _choice(cfg.optim.name, "optim.name", ("sgd", "adamw", "lars"))

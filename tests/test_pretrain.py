@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -202,3 +203,26 @@ def test_online_knn_is_logged_and_drives_a_plateau_schedule(tmp_path: Path) -> N
             drops += 1
     taus = [r["train/tau"] for r in metrics(result.run_dir) if "train/tau" in r]
     assert taus[-1] == pytest.approx(0.5 * 0.5**drops)
+
+
+def test_pretraining_on_a_mixture_logs_target_and_realized_source_frequencies(tmp_path: Path) -> None:
+    sources = "[{name: synthetic, score: 2.0}, {name: synthetic, synthetic_noise: 0.3, score: 0.0}]"
+    cfg = tiny_cfg(tmp_path, "train.run_name=mix", "data.name=mixture", f"data.sources={sources}",
+                   "data.mixture.temperature=1.0", "data.mixture.num_samples=96")
+    result = run(cfg)
+    rows = metrics(result.run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # 96 draws per epoch / batch 16
+    p0 = math.exp(2.0) / (math.exp(2.0) + 1.0)  # softmax([2, 0] / T) at T = 1
+    for r in rows:
+        assert r["data/p_synthetic"] == pytest.approx(p0) and r["data/p_synthetic_1"] == pytest.approx(1 - p0)
+        assert r["data/freq_synthetic"] + r["data/freq_synthetic_1"] == pytest.approx(1.0)
+    # the last row counts all 96 draws (a realized count, not the target) within 3σ of the target
+    assert rows[-1]["data/freq_synthetic"] * 96 == pytest.approx(round(rows[-1]["data/freq_synthetic"] * 96))
+    assert rows[-1]["data/freq_synthetic"] != pytest.approx(p0)
+    sigma = math.sqrt(p0 * (1 - p0) / 96)
+    assert abs(rows[-1]["data/freq_synthetic"] - p0) < 3 * sigma
+
+
+def test_mixture_without_sources_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="data.name=mixture needs data.sources"):
+        tiny_cfg(tmp_path, "data.name=mixture")

@@ -228,6 +228,9 @@ def _build(cfg: Any, split: str) -> ImageDataset:
         n = cfg.synthetic_size if split != "test" else max(cfg.synthetic_size // 4, cfg.synthetic_classes)
         ds = make_synthetic(n, cfg.synthetic_classes, cfg.synthetic_image_size, seed=0 if split != "test" else 1,
                             noise=cfg.synthetic_noise)
+    elif name == "mixture":
+        raise UserError("a mixture has no single labelled split: evaluate on one source, e.g. "
+                        "'simclr-tau knn RUN_DIR data.name=fashion_mnist data.sources=[] data.root=...'")
     else:
         raise UserError(f"data.name={name!r} is not valid")
     return _to_channels(ds, cfg.channels)

@@ -35,30 +35,20 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, is_dataclass
+from dataclasses import is_dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from simclr_tau.config import ScheduleConfig
+from simclr_tau.config import MixtureConfig
 from simclr_tau.data.datasets import ImageDataset, TensorImageDataset
 from simclr_tau.data.pipeline import mix_seed
 from simclr_tau.errors import UserError
 
 WEIGHTINGS = ("scores", "size")
 TemperatureLike = Union[float, Callable[[int], float]]  # a constant T, or T(step) (a Schedule)
-
-
-@dataclass
-class MixtureConfig:
-    """How the sources of ``data.sources`` are mixed (see the module docstring for the formulas)."""
-
-    weighting: str = "scores"  # scores: P(i|T) = softmax(w/T)_i, w = each source's `score` | size: p_i ∝ n_i^(1/T)
-    temperature: float = 1.0  # T, constant
-    schedule: Optional[ScheduleConfig] = None  # T per optimizer step instead (e.g. linear 10 -> 1: broad -> focused)
-    num_samples: Optional[int] = None  # draws per epoch; None = the total number of images of all sources
 
 
 def _check_T(T: float, what: str = "mixture temperature T") -> float:

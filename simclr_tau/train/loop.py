@@ -216,6 +216,7 @@ class Trainer:
     def __init__(self, cfg: Any, accelerator: Any, method: torch.nn.Module, optimizer: Any, record: RunRecord,
                  run_dir: Path, run_name: str, steps_per_epoch: int, total_steps: int,
                  online_eval: Optional[Callable[[], Dict[str, float]]] = None, not_saved: Sequence[str] = (),
+                 data_metrics: Optional[Callable[..., Dict[str, float]]] = None,
                  postfix_keys: Sequence[str] = ("train/loss", "train/tau", "train/tau_mean", "train/images_per_s")):
         self.cfg, self.tc, self.accelerator = cfg, cfg.train, accelerator
         self.method, self.optimizer, self.record = method, optimizer, record
@@ -223,6 +224,7 @@ class Trainer:
         self.run_dir, self.run_name, self.ckpt_dir = run_dir, run_name, run_dir / "checkpoints"
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.online_eval, self.not_saved, self.postfix_keys = online_eval, tuple(not_saved), tuple(postfix_keys)
+        self.data_metrics = data_metrics  # e.g. a mixture's realized source frequencies
         self.peak_lr = scaled_lr(cfg.optim, self.tc.batch_size)
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
         self.first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)  # first non-finite step
@@ -332,6 +334,9 @@ class Trainer:
             "train/images_per_s": n_steps * self.tc.batch_size / max(seconds, 1e-9),
         }
         metrics.update({f"train/{k}": v for k, v in logs.items()})
+        if self.data_metrics is not None:  # draws of this epoch so far, over all processes
+            done = (step - (step - 1) // self.steps_per_epoch * self.steps_per_epoch) * self.tc.batch_size
+            metrics.update(self.data_metrics(upto=done, step=step - 1))
         self.record.log(metrics, step, step / self.steps_per_epoch)
         if getattr(self.core, "last_tau", None) is not None:  # per-sample τ of the last batch
             self.record.log_histogram("train/tau_hist", self.core.last_tau, step)

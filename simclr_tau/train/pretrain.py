@@ -63,14 +63,21 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
 
     # ---- data -------------------------------------------------------------------------------
-    dataset = build_pretrain_dataset(cfg.data)
-    micro = global_micro_batch(tc, len(dataset), world)
-    steps_per_epoch = len(dataset) // tc.batch_size
+    if cfg.data.name == "mixture":  # several sources, drawn with a temperature (simclr_tau.data.mixture)
+        from simclr_tau.data.mixture import build_mixture
+
+        dataset, sampler = build_mixture(cfg.data, cfg.data.sources, cfg.data.mixture, seed=tc.seed,
+                                         batch_size=tc.batch_size, epochs=tc.epochs, max_steps=tc.max_steps)
+    else:
+        dataset = build_pretrain_dataset(cfg.data)
+        sampler = EpochSampler(len(dataset), tc.seed)
+    micro = global_micro_batch(tc, len(sampler), world)
+    steps_per_epoch = len(sampler) // tc.batch_size  # draws per epoch (a mixture's need not be len(dataset))
     total_steps = min(tc.epochs * steps_per_epoch, tc.max_steps or tc.epochs * steps_per_epoch)
     image_size = cfg.data.image_size or dataset.image_size
     norm = normalization(cfg.data.name, dataset)
-    loader = build_loader(cfg, dataset, image_size, norm.mean, norm.std, EpochSampler(len(dataset), tc.seed), micro,
-                          world, rank, accelerator.device)
+    loader = build_loader(cfg, dataset, image_size, norm.mean, norm.std, sampler, micro, world, rank,
+                          accelerator.device)
 
     # ---- model, optimizer --------------------------------------------------------------------
     method = build_method(cfg, dataset.channels, steps_per_epoch, total_steps)
@@ -92,7 +99,8 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
     # ---- train -----------------------------------------------------------------------------------
     trainer = Trainer(cfg, accelerator, method, optimizer, record, run_dir, run_name, steps_per_epoch, total_steps,
                       online_eval=online_knn_fn(cfg, accelerator, core.encoder, image_size, dataset.channels,
-                                                norm.mean, norm.std))
+                                                norm.mean, norm.std) if cfg.data.name != "mixture" else None,
+                      data_metrics=getattr(sampler, "log_metrics", None))
     step, stopped_early = trainer.fit(start_step, lambda epoch, skip: loader.epoch(epoch, skip, tc.grad_accum))
 
     if is_main and not stopped_early:

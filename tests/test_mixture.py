@@ -165,7 +165,7 @@ def test_resuming_mid_epoch_reproduces_the_rest_of_the_sequence(world: int) -> N
 
 def test_two_real_processes_draw_disjoint_shares(tmp_path: Path) -> None:
     """Each process builds its sampler from torch.distributed's rank / world (gloo) and iterates its share."""
-    from test_pretrain import free_port, run_proc  # the suite's subprocess helpers
+    from procs import free_port, run_proc
 
     script = tmp_path / "share.py"
     script.write_text(

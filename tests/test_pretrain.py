@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from procs import free_port, run_proc
 from simclr_tau.config import load_config
 from simclr_tau.train.checkpoint import list_checkpoints, load_checkpoint
 from simclr_tau.train.pretrain import run
@@ -27,29 +28,6 @@ BN_FREE = [
     "model.small_stem=false",
     "model.proj_bn=false",
 ]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_proc(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a command in its own process group; on timeout kill the whole group (torchrun's workers too)."""
-    import signal
-
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"timed out after {timeout} s: {' '.join(args)}\n{err[-3000:]}")
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -17,7 +17,7 @@ construction, never by a clamp that could silently break the gradient.
   fixed per-sample τ.
 - :class:`ScheduledTemperature`: τ follows a :class:`~simclr_tau.temperature.schedules.Schedule` per step.
 
-Parameters that belong to the temperature are listed by :meth:`Temperature.param_groups` so the
+Parameters under a module named ``temperature`` go to their own optimizer group (:func:`simclr_tau.train.optim.param_groups`) so the
 optimizer gives them their own learning rate and no weight decay.
 """
 

@@ -217,6 +217,15 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _timed_features(t: Target, args: argparse.Namespace, accelerator: Any, train_ds: Any, test_ds: Any,
+                    batch_size: int) -> Tuple[Any, Any, Any, Any, Any, float]:
+    """Train and test features of the target (cached unless --no-cache), and the seconds it took."""
+    t0 = time.perf_counter()
+    feats = target_features(t, train_ds, test_ds, batch_size, accelerator, not args.no_cache, args.num_workers,
+                            t.cfg.train.progress and not args.no_progress)
+    return (*feats, time.perf_counter() - t0)
+
+
 def _setup(args: argparse.Namespace) -> Tuple[Target, Any, Any, Any, int]:
     t = resolve_target(args.target, args.config, args.data, args.overrides, args.random_init, args.seed, args.out)
     accelerator = _accelerator()
@@ -263,11 +272,7 @@ def knn_main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ks, ts = _ks_ts(args, t.cfg)
     if max(ks) > len(train_ds):
         raise UserError(f"knn k={max(ks)} is larger than the training set ({len(train_ds)} samples); use a smaller --k")
-    progress = t.cfg.train.progress and not args.no_progress
-    t0 = time.perf_counter()
-    tr_f, tr_y, te_f, te_y, hits = target_features(t, train_ds, test_ds, batch_size, accelerator, not args.no_cache,
-                                                   args.num_workers, progress)
-    t_feat = time.perf_counter() - t0
+    tr_f, tr_y, te_f, te_y, hits, t_feat = _timed_features(t, args, accelerator, train_ds, test_ds, batch_size)
     if not accelerator.is_main_process:
         return {}
     C = train_ds.num_classes
@@ -381,11 +386,7 @@ def linear_main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     t, accelerator, train_ds, test_ds, batch_size = _setup(args)
     if args.mode == "augmented" and accelerator.num_processes > 1:
         raise UserError("--mode augmented runs in one process; launch without multiple processes (or use --mode fast)")
-    progress = t.cfg.train.progress and not args.no_progress
-    t0 = time.perf_counter()
-    tr_f, tr_y, te_f, te_y, hits = target_features(t, train_ds, test_ds, batch_size, accelerator, not args.no_cache,
-                                                   args.num_workers, progress)
-    t_feat = time.perf_counter() - t0
+    tr_f, tr_y, te_f, te_y, hits, t_feat = _timed_features(t, args, accelerator, train_ds, test_ds, batch_size)
     if not accelerator.is_main_process:
         return {}
     C = train_ds.num_classes
@@ -394,7 +395,8 @@ def linear_main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         result = linear_probe(tr_f, tr_y, te_f, te_y, C, pcfg)
     else:
         aug = augmented_view_transform(t.image_size, t.mean, t.std, args.crop_scale_min)
-        result = linear_probe_augmented(t.encoder, train_ds, aug, tr_f, tr_y, te_f, te_y, C, pcfg, args.num_workers, progress)
+        result = linear_probe_augmented(t.encoder, train_ds, aug, tr_f, tr_y, te_f, te_y, C, pcfg, args.num_workers,
+                                        t.cfg.train.progress and not args.no_progress)
     t_probe = time.perf_counter() - t1
     suffix = "_random_init" if t.random_init else ""
     png = t.out_dir / f"reliability{suffix}.png"

@@ -123,6 +123,7 @@ class OptimConfig:
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to final_lr_ratio x lr
     final_lr_ratio: float = 0.0
     grad_clip: Optional[float] = None  # max global gradient norm
+    fused: bool = True  # torch's fused (single-kernel) SGD / AdamW update where the device supports it
 
 
 @dataclass
@@ -152,6 +153,8 @@ class TrainConfig:
     run_name: Optional[str] = None  # default: <method>-<tau mode>-<dataset>-<backbone>-<time>
     deterministic: bool = False  # torch.use_deterministic_algorithms (tests, exact resume)
     progress: bool = True  # tqdm progress bar
+    channels_last: bool = True  # NHWC activations: faster convolutions on CPU (oneDNN) and GPU (tensor cores)
+    compile: bool = False  # torch.compile the encoder (first steps slower while it compiles)
 
 
 @dataclass

@@ -49,10 +49,12 @@ def param_groups(model: nn.Module, weight_decay: float, tau_lr_scale: float) -> 
 def build_optimizer(cfg: Any, model: nn.Module, tau_lr_scale: float, lr: float) -> torch.optim.Optimizer:
     """SGD (Nesterov-free, momentum), AdamW or LARS (timm) over :func:`param_groups`."""
     groups = param_groups(model, cfg.weight_decay, tau_lr_scale)
+    # fused=True: one kernel per step for all parameters (CPU and CUDA in torch >= 2.4); same update rule.
+    fused = {"fused": True} if getattr(cfg, "fused", False) else {}
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, **fused)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), **fused)
     from timm.optim import Lars
 
     # timm's Lars adapts only groups with weight decay (always_adapt=False): exactly our exclusions.

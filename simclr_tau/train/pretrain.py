@@ -28,7 +28,7 @@ from simclr_tau.methods import build_method
 from simclr_tau.models.export import save_encoder
 from simclr_tau.tracking import RunRecord, run_tags
 from simclr_tau.train.loaders import build_loader, global_micro_batch
-from simclr_tau.train.loop import Trainer, last_metric, online_knn_fn, open_run, restore, write_run_files
+from simclr_tau.train.loop import Trainer, last_metric, online_knn_fn, open_run, restore, speed_up, write_run_files
 from simclr_tau.train.optim import build_optimizer, scaled_lr
 
 
@@ -81,6 +81,7 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
 
     # ---- model, optimizer --------------------------------------------------------------------
     method = build_method(cfg, dataset.channels, steps_per_epoch, total_steps)
+    speed_up(method, tc)
     if cfg.model.sync_bn and world > 1:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     optimizer = build_optimizer(cfg.optim, method, cfg.temperature.lr_scale, scaled_lr(cfg.optim, tc.batch_size))

@@ -157,3 +157,24 @@ def test_augmented_mode_reencodes_views_with_a_frozen_encoder():
     # same seed, same result: the augmentation draws are seeded
     res2 = linear_probe_augmented(enc, train, aug, tr_f, tr_y, te_f, te_y, 4, cfg)
     assert torch.equal(res.head.weight, res2.head.weight)
+
+
+def test_stacked_lbfgs_grid_matches_sklearn_per_head():
+    """All weight decays solved as one L-BFGS problem give each head its own optimum: sklearn's multinomial
+    LogisticRegression with C = 1 / (wd · n) minimizes n·(mean CE + wd/2 ||W||²), intercept unpenalized."""
+    from sklearn.linear_model import LogisticRegression
+
+    from simclr_tau.evaluation.linear_probe import train_heads_lbfgs
+
+    x, y = _blobs(60, c=3, d=6, spread=3.0, seed=2)  # overlapping classes: a finite, wd-dependent optimum
+    x = (x - x.mean(0)) / x.std(0)
+    x64 = x.double()
+    wds = [1e-1, 1e-2, 1e-3]
+    heads = train_heads_lbfgs(x64, y, 3, wds, iters=500)
+    for (W, b), wd in zip(heads, wds):
+        ref = LogisticRegression(C=1.0 / (wd * len(y)), tol=1e-12, max_iter=10_000).fit(x64.numpy(), y.numpy())
+        p_ours = torch.softmax(x64 @ W + b, 1)
+        p_ref = torch.from_numpy(ref.predict_proba(x64.numpy()))
+        assert (p_ours - p_ref).abs().max() < 1e-5, wd
+    norms = [W.norm().item() for W, _ in heads]
+    assert norms[0] < norms[1] < norms[2]  # more decay, smaller weights: the heads did not share one solution

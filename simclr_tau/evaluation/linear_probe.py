@@ -209,21 +209,33 @@ def train_heads_minibatch(
     return W.detach(), b.detach()
 
 
-def train_head_lbfgs(x: Tensor, y: Tensor, num_classes: int, wd: float, iters: int) -> Tuple[Tensor, Tensor]:
-    """Full-batch L-BFGS on mean CE + wd/2 ||W||² (standardized features x). Returns W (F, C), b (C)."""
-    W = torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True)
-    b = torch.zeros(num_classes, device=x.device, requires_grad=True)
+def train_heads_lbfgs(x: Tensor, y: Tensor, num_classes: int, wds: Sequence[float], iters: int
+                      ) -> List[Tuple[Tensor, Tensor]]:
+    """Full-batch L-BFGS on Σ_g [mean CE(x W_g + b_g, y) + wd_g/2 ||W_g||²] (standardized features x).
+
+    The heads of the weight-decay grid are solved as one problem: the objective is a sum of independent
+    strictly convex terms (for wd_g > 0), so its minimizer is every head's own minimizer, and one
+    ``x @ [W_1 .. W_G]`` per evaluation reads the (N, F) features once instead of G times (the solve is
+    memory-bound on that read). Returns [(W_g (F, C), b_g (C))].
+    """
+    G, C = len(wds), num_classes
+    W = torch.zeros(x.shape[1], G * C, dtype=x.dtype, device=x.device, requires_grad=True)
+    b = torch.zeros(G * C, dtype=x.dtype, device=x.device, requires_grad=True)
+    wd = torch.tensor(list(wds), dtype=x.dtype, device=x.device).repeat_interleave(C)  # per column
     opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=iters, history_size=20, tolerance_grad=1e-9,
                             tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    y_all = y.repeat(G)
 
     def closure() -> Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(x @ W + b, y) + 0.5 * wd * W.pow(2).sum()
+        logits = (x @ W + b).view(-1, G, C).transpose(0, 1).reshape(-1, C)  # (G·N) x C, head-major
+        loss = F.cross_entropy(logits, y_all) * G + 0.5 * (wd * W.pow(2)).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    return W.detach(), b.detach()
+    W, b = W.detach(), b.detach()
+    return [(W[:, g * C:(g + 1) * C].contiguous(), b[g * C:(g + 1) * C].clone()) for g in range(G)]
 
 
 def _shuffled_batches(x: Tensor, y: Tensor, batch_size: int, seed: int) -> Callable[[int], Iterable[Tuple[Tensor, Tensor]]]:
@@ -246,7 +258,7 @@ def _fit_grid(x: Tensor, y: Tensor, C: int, cfg: ProbeConfig, grid: Sequence[Tup
     if cfg.optimizer == "lbfgs":
         if epoch_batches is not None:
             raise UserError("linear probe: lbfgs needs fixed features; use --mode fast or --optimizer sgd|adamw")
-        return [train_head_lbfgs(x, y, C, wd, cfg.epochs) for _, wd in grid]  # type: ignore[arg-type]
+        return train_heads_lbfgs(x, y, C, [wd for _, wd in grid], cfg.epochs)  # type: ignore[arg-type]
     if epoch_batches is None:
         epoch_batches = _shuffled_batches(x, y, cfg.batch_size, cfg.seed)
         bs = x.shape[0] if cfg.batch_size <= 0 else min(cfg.batch_size, x.shape[0])

@@ -77,8 +77,9 @@ def _encoder(args: argparse.Namespace):
         enc, meta = load_encoder(args.encoder)
         return enc, meta["image_size"], meta["mean"], meta["std"], args.encoder
     torch.manual_seed(0)
-    enc, _ = build_encoder(load_config(None, [f"model.backbone={args.backbone}"]).model, 1)
-    return enc.eval(), 28, [0.2860], [0.3530], f"random-init {args.backbone} (small stem)"
+    stem = "small stem" if args.small_stem else "ImageNet stem"
+    enc, _ = build_encoder(load_config(None, [f"model.backbone={args.backbone}", f"model.small_stem={args.small_stem}"]).model, 1)
+    return enc.eval(), 28, [0.2860], [0.3530], f"random-init {args.backbone} ({stem})"
 
 
 def bench_probe(args: argparse.Namespace) -> Dict[str, float]:
@@ -196,6 +197,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--backbone", default="resnet10t")
+    p.add_argument("--no-small-stem", dest="small_stem", action="store_false",
+                   help="random-init backbone with the ImageNet stem (the main job's fmnist_simclr_cpu architecture)")
     p.add_argument("--encoder", default=None, help="an encoder.safetensors to evaluate instead of a random-init backbone")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-sklearn", action="store_true", help="baselines: only our evaluator")

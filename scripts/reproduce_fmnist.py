@@ -287,7 +287,7 @@ def markdown_table(agg: List[Dict[str, Any]], baselines: List[Dict[str, Any]]) -
         cells = [a["run"], ",".join(map(str, a["seeds"])), *[_fmt(a.get(k), a.get(k + "_std")) for k in keys],
                  _fmt(a["linear"], a["linear_std"]),
                  f"{_fmt(a['ece_before'], None, 2, 100)} → {_fmt(a['ece_after'], None, 2, 100)}",
-                 _fmt(a["alignment"], None, 3), _fmt(a["uniformity"], None, 3), _fmt(a["tau_final"], a["tau_final_std"], 3),
+                 _fmt(a["alignment"], None, 3), _fmt(a["uniformity"], None, 3), _fmt(a["tau_final"], a["tau_final_std"], 4),
                  _fmt(a["pretrain_min"], None, 1)]
         lines.append("| " + " | ".join(cells) + " |")
     blank = [""] * 5

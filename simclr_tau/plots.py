@@ -88,13 +88,21 @@ def plot_lines(runs: Sequence["RunData"], key: str, path: Path, x: str = "step",
     return _save(fig, path)
 
 
+def tau_axis_scale(values: Sequence[float]) -> str:
+    """"log" when the plotted τ values span more than a decade (a learnable τ that fell to its floor next
+    to fixed τ = 0.5 would flatten every other line on a linear axis), else "linear"."""
+    pos = [v for v in values if v > 0]
+    return "log" if pos and max(pos) / min(pos) > 10 else "linear"
+
+
 def plot_tau(runs: Sequence["RunData"], path: Path) -> Optional[Path]:
     """Scalar τ as a line; per-sample τ as its batch mean with a min–max band."""
     plt, styles = _plt(), line_styles(runs)
     fig, ax = plt.subplots(figsize=(8, 5))
-    handles, labels = [], []
+    handles, labels, values = [], [], []
     for r in runs:
         xs, ys = r.series("train/tau")
+        values += list(ys)
         if xs:
             handles.append(_plot(ax, styles[r.name], xs, ys, len(xs) <= 25))
             labels.append(r.name)
@@ -103,6 +111,7 @@ def plot_tau(runs: Sequence["RunData"], path: Path) -> Optional[Path]:
                 for row in r.history if isinstance(row.get("train/tau_mean"), (int, float)) and "step" in row]
         if rows:
             s, mean, lo, hi = zip(*rows)
+            values += [v for v in lo + mean + hi if v is not None]
             handles.append(_plot(ax, styles[r.name], s, mean, len(s) <= 25))
             if all(v is not None for v in lo + hi):
                 ax.fill_between(s, lo, hi, color=styles[r.name]["color"], alpha=0.25, linewidth=0)
@@ -112,7 +121,9 @@ def plot_tau(runs: Sequence["RunData"], path: Path) -> Optional[Path]:
         return None
     ax.set_xlabel("optimizer step")
     _integer_x(ax)
-    ax.set_ylabel("temperature τ")
+    scale = tau_axis_scale(values)
+    ax.set_yscale(scale)
+    ax.set_ylabel("temperature τ" + (" (log scale)" if scale == "log" else ""))
     ax.set_title("τ vs step")
     ax.grid(alpha=0.3)
     _legend_below(fig, handles, labels)

@@ -353,3 +353,11 @@ def test_tau_sweep_runs_and_compares(tmp_path) -> None:
         assert (tmp_path / f"sw-{s}" / "eval" / "knn.json").is_file()
     report = (tmp_path / "sw-compare" / "report.html").read_text()
     assert "sw-fixed-0.07" in report and "sw-cosine" in report and "scheduled (cosine)" in report
+
+
+def test_tau_axis_turns_logarithmic_when_taus_span_more_than_a_decade() -> None:
+    from simclr_tau.plots import tau_axis_scale
+
+    assert tau_axis_scale([0.07, 0.2, 0.5]) == "linear"
+    assert tau_axis_scale([0.001, 0.2, 8.0]) == "log"  # a relu-parametrized τ at its floor next to fixed ones
+    assert tau_axis_scale([0.05, 0.6]) == "log" and tau_axis_scale([0.1, 1.0]) == "linear"

@@ -22,10 +22,14 @@ baselines: Xiao et al. 2017 (Fashion-MNIST paper, Table 3 / benchmark/runner.py)
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, installed or not (as bench_train.py)
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 

@@ -47,6 +47,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout, installed or not
+
+from simclr_tau.compare import final_tau, knn_label, knn_order, load_run_dir  # noqa: E402
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     # backbone / epochs / batch live in the configs; the comments there say why
@@ -79,9 +82,15 @@ PAPER_BASELINES = {"SVC (rbf, C=10)": 89.7, "KNeighbors (k=5, L1, distance)": 85
 
 
 
-def knn_results(path: Path) -> Dict[str, float]:
-    """{"k20_t0.07": top-1, ...} from a knn.json (the protocols its run evaluated, in order)."""
-    return {f"k{r['k']}_t{r['T']:g}": r["top1"] for r in _read(path).get("results", [])}
+# the figures of a row besides the kNN columns: metric names of the run record (summary.json)
+FIGURES = ("linear/test_top1", "calib/ece_before", "calib/ece_after", "diag/alignment", "diag/uniformity",
+           "train/images_per_s")
+
+
+@dataclass
+class Step:
+    cmd: List[str]
+    output: Optional[Path]  # the file whose existence means the step is done (None: always run)
 
 
 @dataclass
@@ -89,7 +98,11 @@ class Job:
     name: str  # RUNS key
     seed: int
     run_dir: Path
-    commands: List[List[str]] = field(default_factory=list)
+    steps: List[Step] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-s{self.seed}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +128,7 @@ def python_cmd(*args: str) -> List[str]:
 
 
 def plan(args: argparse.Namespace) -> List[Job]:
-    """One Job per (setting, seed) with its pretrain / knn / linear commands."""
+    """One Job per (setting, seed) with its pretrain / knn / linear steps."""
     preset = PRESETS[args.preset]
     seeds = args.seeds if args.seeds is not None else preset["seeds"]
     spread = args.spread_seeds if args.spread_seeds is not None else preset["spread_seeds"]
@@ -125,79 +138,66 @@ def plan(args: argparse.Namespace) -> List[Job]:
         spec = RUNS[name]
         run_seeds = list(seeds) + [s for s in spread if name in args.spread_runs and s not in seeds]
         for seed in run_seeds:
-            run_name = f"{name}-s{seed}"
-            run_dir = out / run_name
-            config = str(REPO / preset[spec["method"]])
-            pre = python_cmd("pretrain", config, *spec["overrides"], *args.overrides, f"train.seed={seed}",
-                             f"train.output_dir={out}", f"train.run_name={run_name}", "train.progress=false")
-            if run_dir.is_dir() and not (run_dir / "encoder.safetensors").is_file():
+            job = Job(name, seed, out / f"{name}-s{seed}")
+            pre = python_cmd("pretrain", str(REPO / preset[spec["method"]]), *spec["overrides"], *args.overrides,
+                             f"train.seed={seed}", f"train.output_dir={out}", f"train.run_name={job.label}",
+                             "train.progress=false")
+            if job.run_dir.is_dir() and not (job.run_dir / "encoder.safetensors").is_file():
                 pre += ["--resume", "auto"]  # an interrupted run continues from its last checkpoint
-            jobs.append(Job(name, seed, run_dir, [
-                pre,
-                python_cmd("knn", str(run_dir), "--no-progress"),
-                python_cmd("linear", str(run_dir), "--no-progress"),
-            ]))
+            ev = job.run_dir / "eval"
+            job.steps = [Step(pre, job.run_dir / "encoder.safetensors"),
+                         Step(python_cmd("knn", str(job.run_dir), "--no-progress"), ev / "knn.json"),
+                         Step(python_cmd("linear", str(job.run_dir), "--no-progress"), ev / "linear.json")]
+            jobs.append(job)
     return jobs
 
 
-def baseline_commands(args: argparse.Namespace, jobs: List[Job]) -> List[List[str]]:
-    """Raw pixels and the random-init encoder (same architecture as the first SimCLR run), kNN + linear."""
+def reference_job(jobs: List[Job]) -> Optional[Job]:
+    """The run whose architecture the random-init baseline uses (the first SimCLR run)."""
+    return next((j for j in jobs if RUNS[j.name]["method"] == "simclr"), None)
+
+
+def baseline_steps(args: argparse.Namespace, jobs: List[Job]) -> Tuple[List[Step], List[Step]]:
+    """(raw pixels, random-init encoder) steps, kNN + linear each. The random-init ones read the reference
+    run's config.yaml and write eval/knn_random_init.json, linear_random_init.json next to its own results."""
     config = str(REPO / PRESETS[args.preset]["simclr"])
-    pix = str(Path(args.out) / "baselines" / "pixels")
-    cmds = [python_cmd("knn", "pixels", "--config", config, "--out", pix, "--no-progress", *args.overrides),
-            python_cmd("linear", "pixels", "--config", config, "--out", pix, "--no-progress", *args.overrides)]
-    ref = next((j for j in jobs if RUNS[j.name]["method"] == "simclr"), None)
-    if ref is not None:  # written next to that run's own results: eval/knn_random_init.json, linear_random_init.json
-        cmds += [python_cmd("knn", str(ref.run_dir), "--random-init", "--no-progress"),
-                 python_cmd("linear", str(ref.run_dir), "--random-init", "--no-progress")]
-    return cmds
+    pix = Path(args.out) / "baselines" / "pixels"
+    pixels = [Step(python_cmd(sub, "pixels", "--config", config, "--out", str(pix), "--no-progress", *args.overrides),
+                   pix / f"{sub}.json") for sub in ("knn", "linear")]
+    ref = reference_job(jobs)
+    random_init = [] if ref is None else [
+        Step(python_cmd(sub, str(ref.run_dir), "--random-init", "--no-progress"),
+             ref.run_dir / "eval" / f"{sub}_random_init.json") for sub in ("knn", "linear")]
+    return pixels, random_init
 
 
-def compare_command(args: argparse.Namespace, jobs: List[Job]) -> List[str]:
-    return python_cmd("compare", *[str(j.run_dir) for j in jobs], "--out", str(Path(args.out) / "compare"),
-                      "--metric", "diag/alignment", "--metric", "diag/uniformity")
+def compare_step(args: argparse.Namespace, jobs: List[Job]) -> Step:
+    return Step(python_cmd("compare", *[str(j.run_dir) for j in jobs], "--out", str(Path(args.out) / "compare"),
+                           "--metric", "diag/alignment", "--metric", "diag/uniformity"), None)
 
 
-def done(cmd: List[str]) -> bool:
-    """Whether a step's output already exists (restartable study)."""
-    sub, target = cmd[3], Path(cmd[4])
-    if sub == "compare":
-        return False  # cheap, and its inputs may have changed
-    if sub == "pretrain":
-        run_dir = Path(next(a.split("=", 1)[1] for a in cmd if a.startswith("train.output_dir="))) / next(
-            a.split("=", 1)[1] for a in cmd if a.startswith("train.run_name="))
-        return (run_dir / "encoder.safetensors").is_file()
-    suffix = "_random_init" if "--random-init" in cmd else ""
-    out = Path(cmd[cmd.index("--out") + 1]) if "--out" in cmd else target / "eval"
-    return (out / f"{sub}{suffix}.json").is_file()
-
-
-def run_steps(label: str, cmds: List[List[str]], log_dir: Path, env: Dict[str, str]) -> bool:
-    """Run ``cmds`` in order (skipping finished ones), appending to ``log_dir/<label>.log``. True if all passed."""
+def run_steps(label: str, steps: List[Step], log_dir: Path, env: Dict[str, str]) -> bool:
+    """Run ``steps`` in order (skipping finished ones), appending to ``log_dir/<label>.log``. True if all passed."""
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / f"{label}.log", "a") as log:
-        for c in cmds:
-            if done(c):
+        for step in steps:
+            if step.output is not None and step.output.is_file():
                 continue
-            t0 = time.time()
-            log.write(f"\n$ {shlex.join(c)}\n")
+            sub, t0 = step.cmd[3], time.time()
+            log.write(f"\n$ {shlex.join(step.cmd)}\n")
             log.flush()
-            rc = subprocess.call(c, env=env, stdout=log, stderr=subprocess.STDOUT)
-            status = "ok" if rc == 0 else f"FAILED (exit {rc})"
+            rc = subprocess.call(step.cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
             seconds = time.time() - t0
-            print(f"[{time.strftime('%H:%M:%S')}] {label}: {c[3]} {status} in {seconds:.0f} s", flush=True)
+            status = "ok" if rc == 0 else f"FAILED (exit {rc})"
+            print(f"[{time.strftime('%H:%M:%S')}] {label}: {sub} {status} in {seconds:.0f} s", flush=True)
             with open(log_dir / "timings.jsonl", "a") as f:  # one line per step: the table's wall times
-                f.write(json.dumps({"label": label, "step": c[3], "seconds": round(seconds, 1), "rc": rc}) + "\n")
+                f.write(json.dumps({"label": label, "step": sub, "seconds": round(seconds, 1), "rc": rc}) + "\n")
             if rc != 0:
                 return False
     return True
 
 
 # ---- the table -----------------------------------------------------------------------------------------
-
-def _read(path: Path) -> Dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
 
 def step_seconds(out: Path) -> Dict[Tuple[str, str], float]:
     """{(label, step): seconds} of the last successful execution of each step (logs/timings.jsonl)."""
@@ -206,62 +206,61 @@ def step_seconds(out: Path) -> Dict[Tuple[str, str], float]:
     return {(r["label"], r["step"]): r["seconds"] for r in rows if r["rc"] == 0}
 
 
-def _minutes(seconds: Optional[float]) -> Optional[float]:
-    return None if seconds is None else seconds / 60
+def knn_columns(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """The kNN top-1 metric names present in ``rows`` (knn/top1_k20_t0.07, ...), sorted by k then T."""
+    return sorted({k for r in rows for k in r if k.startswith("knn/top1_")}, key=knn_order)
 
 
-def run_row(job: Job, seconds: Optional[Dict[Tuple[str, str], float]] = None) -> Dict[str, Any]:
-    """The figures of one finished run (missing ones are None)."""
-    s = _read(job.run_dir / "summary.json")
-    ev = job.run_dir / "eval"
-    lin = _read(ev / "linear.json").get("metrics", {})
-    taus = [json.loads(line) for line in (job.run_dir / "metrics.jsonl").read_text().splitlines()] \
-        if (job.run_dir / "metrics.jsonl").is_file() else []
-    tau_final = next((m.get("train/tau", m.get("train/tau_mean")) for m in reversed(taus)
-                      if "train/tau" in m or "train/tau_mean" in m), None)
-    return {
-        "run": job.name, "seed": job.seed, "run_dir": str(job.run_dir),
-        **{f"knn_{k}": v for k, v in knn_results(ev / "knn.json").items()}, "linear": lin.get("linear/test_top1"), "ece_before": lin.get("calib/ece_before"),
-        "ece_after": lin.get("calib/ece_after"), "alignment": s.get("diag/alignment"),
-        "uniformity": s.get("diag/uniformity"), "tau_final": tau_final,
-        "images_per_s": next((m["train/images_per_s"] for m in reversed(taus) if "train/images_per_s" in m), None),
-        "pretrain_min": _minutes((seconds or {}).get((f"{job.name}-s{job.seed}", "pretrain"))),
-    }
+def run_row(job: Job, seconds: Dict[Tuple[str, str], float]) -> Dict[str, Any]:
+    """One run's figures, read with the comparison's own loader (summary.json merged over metrics.jsonl)."""
+    row: Dict[str, Any] = {"run": job.name, "seed": job.seed, "run_dir": str(job.run_dir)}
+    if not (job.run_dir / "summary.json").is_file():
+        return row  # not started / still in its first steps
+    r = load_run_dir(job.run_dir)
+    row.update({k: v for k, v in r.final.items() if k.startswith("knn/top1_") or k in FIGURES})
+    row["tau"] = final_tau(r)  # scalar τ, or the batch mean of a per-sample τ
+    pre = seconds.get((job.label, "pretrain"))
+    row["pretrain_min"] = None if pre is None else pre / 60
+    return row
+
+
+def _renamed(metrics: Dict[str, float], prefixes: Dict[str, str]) -> Dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        for old, new in prefixes.items():
+            if k.startswith(old):
+                out[new + k[len(old):]] = v
+    return out
 
 
 def baseline_rows(args: argparse.Namespace, jobs: List[Job]) -> List[Dict[str, Any]]:
+    """Raw pixels (the evaluators' json files) and the random-init encoder (merged into the reference run's
+    summary under knn_random_init/, linear_random_init/), under the same metric names as the runs."""
     pix = Path(args.out) / "baselines" / "pixels"
-    rows = [{"run": "raw pixels", **{f"knn_{k}": v for k, v in knn_results(pix / "knn.json").items()},
-             "linear": _read(pix / "linear.json").get("metrics", {}).get("linear/test_top1")}]
-    ref = next((j for j in jobs if RUNS[j.name]["method"] == "simclr"), None)
-    if ref is not None:
-        ev = ref.run_dir / "eval"
+    metrics: Dict[str, float] = {}
+    for name in ("knn.json", "linear.json"):
+        if (pix / name).is_file():
+            metrics.update(json.loads((pix / name).read_text())["metrics"])
+    rows = [{"run": "raw pixels", **metrics}]
+    ref = reference_job(jobs)
+    if ref is not None and (ref.run_dir / "summary.json").is_file():
+        final = load_run_dir(ref.run_dir).final
         rows.append({"run": "random-init encoder",
-                     **{f"knn_{k}": v for k, v in knn_results(ev / "knn_random_init.json").items()},
-                     "linear": _read(ev / "linear_random_init.json").get("metrics", {}).get("linear_random_init/test_top1")})
+                     **_renamed(final, {"knn_random_init/": "knn/", "linear_random_init/": "linear/"})})
     return rows
 
 
-FIGURES = ("linear", "ece_before", "ece_after", "alignment", "uniformity", "tau_final", "images_per_s", "pretrain_min")
-
-
-def knn_keys(rows: List[Dict[str, Any]]) -> List[str]:
-    """The kNN columns present in ``rows`` ("knn_k20_t0.07", ...), in first-seen order."""
-    return list(dict.fromkeys(k for r in rows for k in r if k.startswith("knn_") and not k.endswith("_std")))
-
-
 def aggregate(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Rows of the same setting merged: mean, sample std and n per figure (std None for one seed)."""
+    """Rows of the same setting merged: {"run", "seeds", "mean": {figure: value}, "std": {figure: sample std}}
+    over the evaluated seeds (std None for one seed)."""
     out = []
     for name in dict.fromkeys(r["run"] for r in rows):
-        group = [r for r in rows if r["run"] == name]
-        evaluated = [r for r in group if knn_keys([r])]
-        group = evaluated or group[:1]  # a seed still training does not count (nor show) yet
-        agg: Dict[str, Any] = {"run": name, "seeds": [r["seed"] for r in evaluated]}
-        for key in [*knn_keys(group), *FIGURES]:
+        group = [r for r in rows if r["run"] == name and knn_columns([r])]  # a seed still training does not count
+        agg: Dict[str, Any] = {"run": name, "seeds": [r["seed"] for r in group], "mean": {}, "std": {}}
+        for key in [*knn_columns(group), *FIGURES, "tau", "pretrain_min"]:
             vals = [r[key] for r in group if r.get(key) is not None]
-            agg[key] = statistics.fmean(vals) if vals else None
-            agg[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else None
+            agg["mean"][key] = statistics.fmean(vals) if vals else None
+            agg["std"][key] = statistics.stdev(vals) if len(vals) > 1 else None
         out.append(agg)
     return out
 
@@ -273,27 +272,23 @@ def _fmt(v: Optional[float], std: Optional[float] = None, digits: int = 2, scale
     return s + (f" ± {scale * std:.{digits}f}" if std is not None else "")
 
 
-def _knn_label(key: str) -> str:
-    k, t = key[len("knn_"):].split("_t")
-    return f"kNN k={k[1:]} T={t}"
-
-
 def markdown_table(agg: List[Dict[str, Any]], baselines: List[Dict[str, Any]]) -> str:
-    keys = knn_keys(agg)
-    cols = ["run", "seeds", *[_knn_label(k) for k in keys], "linear", "ECE before → after (%)", "align", "uniform",
+    keys = knn_columns([a["mean"] for a in agg])
+    cols = ["run", "seeds", *[knn_label(k) for k in keys], "linear", "ECE before → after (%)", "align", "uniform",
             "final τ", "pretrain min"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for a in agg:
-        cells = [a["run"], ",".join(map(str, a["seeds"])), *[_fmt(a.get(k), a.get(k + "_std")) for k in keys],
-                 _fmt(a["linear"], a["linear_std"]),
-                 f"{_fmt(a['ece_before'], None, 2, 100)} → {_fmt(a['ece_after'], None, 2, 100)}",
-                 _fmt(a["alignment"], None, 3), _fmt(a["uniformity"], None, 3), _fmt(a["tau_final"], a["tau_final_std"], 4),
-                 _fmt(a["pretrain_min"], None, 1)]
+        m, sd = a["mean"], a["std"]
+        cells = [a["run"], ",".join(map(str, a["seeds"])), *[_fmt(m.get(k), sd.get(k)) for k in keys],
+                 _fmt(m["linear/test_top1"], sd["linear/test_top1"]),
+                 f"{_fmt(m['calib/ece_before'], None, 2, 100)} → {_fmt(m['calib/ece_after'], None, 2, 100)}",
+                 _fmt(m["diag/alignment"], None, 3), _fmt(m["diag/uniformity"], None, 3), _fmt(m["tau"], sd["tau"], 4),
+                 _fmt(m["pretrain_min"], None, 1)]
         lines.append("| " + " | ".join(cells) + " |")
     blank = [""] * 5
     for b in baselines:
-        lines.append("| " + " | ".join([f"*{b['run']}*", "–", *[_fmt(b.get(k)) for k in keys], _fmt(b.get("linear")),
-                                        *blank]) + " |")
+        lines.append("| " + " | ".join([f"*{b['run']}*", "–", *[_fmt(b.get(k)) for k in keys],
+                                        _fmt(b.get("linear/test_top1")), *blank]) + " |")
     for name, acc in PAPER_BASELINES.items():
         lines.append("| " + " | ".join([f"*paper: {name}*", "–", *[""] * len(keys), f"{acc:.1f} (classifier)", *blank])
                      + " |")
@@ -303,8 +298,8 @@ def markdown_table(agg: List[Dict[str, Any]], baselines: List[Dict[str, Any]]) -
 def verdict(agg: List[Dict[str, Any]], baselines: List[Dict[str, Any]]) -> List[str]:
     """The goals of the study, checked on the figures (printed and written to results.md)."""
     out: List[str] = []
-    keys = knn_keys(agg)
-    ssl = [a for a in agg if keys and a.get(keys[0]) is not None]
+    keys = knn_columns([a["mean"] for a in agg])
+    ssl = [a for a in agg if keys and a["mean"].get(keys[0]) is not None]
     if not ssl:
         return ["no finished run"]
     base = {b["run"]: b for b in baselines}
@@ -313,30 +308,27 @@ def verdict(agg: List[Dict[str, Any]], baselines: List[Dict[str, Any]]) -> List[
             ref = base.get(bname, {}).get(key)
             if ref is None:
                 continue
-            miss = [a["run"] for a in ssl if a.get(key) is not None and a[key] <= ref]
-            out.append(f"{_knn_label(key)}: {len(ssl) - len(miss)}/{len(ssl)} runs beat the {bname} ({ref:.2f})"
+            miss = [a["run"] for a in ssl if a["mean"].get(key) is not None and a["mean"][key] <= ref]
+            out.append(f"{knn_label(key)}: {len(ssl) - len(miss)}/{len(ssl)} runs beat the {bname} ({ref:.2f})"
                        + (f"; not: {', '.join(miss)}" if miss else ""))
-    for key, label in (("linear", "linear probe"), *[(k, _knn_label(k)) for k in keys[:1]]):
-        ranked = sorted((a for a in ssl if a.get(key) is not None), key=lambda a: -a[key])
+    for key, label in (("linear/test_top1", "linear probe"), *[(k, knn_label(k)) for k in keys[:1]]):
+        ranked = sorted((a for a in ssl if a["mean"].get(key) is not None), key=lambda a: -a["mean"][key])
         if len(ranked) >= 2:
             best, second = ranked[0], ranked[1]
-            gap = best[key] - second[key]
-            spreads = [a[key + "_std"] for a in ssl if a.get(key + "_std") is not None]
+            gap = best["mean"][key] - second["mean"][key]
+            spreads = [a["std"][key] for a in ssl if a["std"].get(key) is not None]
             noise = (f"; largest seed std among multi-seed rows {max(spreads):.2f}, so the gap is "
                      f"{'larger' if gap > max(spreads) else 'not larger'} than seed noise") if spreads else \
                 "; one seed per run, no spread measured"
-            out.append(f"best {label}: {best['run']} {best[key]:.2f}, ahead of {second['run']} by {gap:.2f}{noise}")
-    best_lin = max((a["linear"] for a in ssl if a["linear"] is not None), default=None)
+            out.append(f"best {label}: {best['run']} {best['mean'][key]:.2f}, ahead of {second['run']} by "
+                       f"{gap:.2f}{noise}")
+    best_lin = max((a["mean"]["linear/test_top1"] for a in ssl if a["mean"]["linear/test_top1"] is not None),
+                   default=None)
     if best_lin is not None:
         svc = PAPER_BASELINES["SVC (rbf, C=10)"]
         out.append(f"best linear probe {best_lin:.2f} vs the paper's best classical baseline (SVC) {svc}: "
                    f"{'above' if best_lin > svc else 'below'}")
     return out
-
-
-def wall_from_timings(out: Path) -> float:
-    """Sum of the recorded step times (a report rebuilt later has no wall clock of its own)."""
-    return sum(step_seconds(out).values())
 
 
 def machine() -> str:
@@ -348,8 +340,7 @@ def machine() -> str:
 
 def write_results(args: argparse.Namespace, jobs: List[Job], wall_s: float, wall_what: str = "wall time of this invocation"
                   ) -> str:
-    seconds = step_seconds(Path(args.out))
-    rows = [run_row(j, seconds) for j in jobs]
+    rows = [run_row(j, step_seconds(Path(args.out))) for j in jobs]
     agg, base = aggregate(rows), ([] if args.no_baselines else baseline_rows(args, jobs))
     notes = verdict(agg, base)
     cmd = shlex.join([Path(sys.executable).name, *sys.argv])
@@ -366,44 +357,45 @@ def write_results(args: argparse.Namespace, jobs: List[Job], wall_s: float, wall
     return md
 
 
+def subprocess_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """``python -m simclr_tau`` imports this checkout even when it is not installed."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            **(extra or {})}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     preset = PRESETS[args.preset]
     jobs_n = args.jobs or preset["jobs"]
     jobs = plan(args)
-    base_cmds = [] if args.no_baselines else baseline_commands(args, jobs)
-    compare = compare_command(args, jobs)
+    pixel_steps, random_steps = ([], []) if args.no_baselines else baseline_steps(args, jobs)
+    logs = Path(args.out) / "logs"
     if args.dry_run:
-        for j in jobs:
-            for c in j.commands:
-                print(shlex.join(c))
-        for c in base_cmds + [compare]:
-            print(shlex.join(c))
+        for step in [s for j in jobs for s in j.steps] + pixel_steps + random_steps + [compare_step(args, jobs)]:
+            print(shlex.join(step.cmd))
         return 0
     t0 = time.time()
     if args.report_only:
         finished = [j for j in jobs if (j.run_dir / "encoder.safetensors").is_file()]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        ok = run_steps("compare", [compare_command(args, finished)], Path(args.out) / "logs", env) if finished else True
-        print("\n" + write_results(args, jobs, wall_from_timings(Path(args.out)),
-                                   "sum of the recorded step times; steps ran --jobs at a time"), flush=True)
+        ok = run_steps("compare", [compare_step(args, finished)], logs, subprocess_env()) if finished else True
+        wall = sum(step_seconds(Path(args.out)).values())  # a rebuilt report has no wall clock of its own
+        print("\n" + write_results(args, jobs, wall, "sum of the recorded step times; steps ran --jobs at a time"),
+              flush=True)
         return 0 if ok else 1
     threads = max(1, (os.cpu_count() or 1) // jobs_n)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
-           "WANDB_RUN_GROUP": os.environ.get("WANDB_RUN_GROUP", f"fmnist-study-{args.preset}")}
-    logs = Path(args.out) / "logs"
+    env = subprocess_env({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
+                          "WANDB_RUN_GROUP": os.environ.get("WANDB_RUN_GROUP", f"fmnist-study-{args.preset}")})
     print(f"{len(jobs)} runs, {jobs_n} at a time ({env['OMP_NUM_THREADS']} threads each); logs in {logs}", flush=True)
     with ThreadPoolExecutor(jobs_n) as pool:
-        futures = [pool.submit(run_steps, f"{j.name}-s{j.seed}", j.commands, logs, env) for j in jobs]
-        if base_cmds:  # baselines are one more pipeline in the pool
-            futures.append(pool.submit(run_steps, "baselines", base_cmds[:2], logs, env))
+        futures = [pool.submit(run_steps, j.label, j.steps, logs, env) for j in jobs]
+        if pixel_steps:  # one more pipeline in the pool
+            futures.append(pool.submit(run_steps, "baselines", pixel_steps, logs, env))
         ok = [f.result() for f in futures]
-    if base_cmds[2:]:  # random init needs its reference run's directory
-        ok.append(run_steps("baselines", base_cmds[2:], logs, env))
+    if random_steps:  # after the pool: they need the reference run's directory
+        ok.append(run_steps("baselines", random_steps, logs, env))
     finished = [j for j in jobs if (j.run_dir / "encoder.safetensors").is_file()]
     if finished:
-        ok.append(run_steps("compare", [compare_command(args, finished)], logs, env))
+        ok.append(run_steps("compare", [compare_step(args, finished)], logs, env))
     md = write_results(args, jobs, time.time() - t0)
     print("\n" + md, flush=True)
     return 0 if all(ok) else 1

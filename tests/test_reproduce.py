@@ -65,14 +65,16 @@ def test_dry_run_plans_every_setting_with_valid_configs(tmp_path, preset) -> Non
 
 def test_aggregate_mean_and_sample_std_and_verdict() -> None:
     mod = _module()
-    rows = [{"run": "a", "seed": s, "knn_k20_t0.07": v, "linear": v + 1} for s, v in ((0, 80.0), (1, 82.0), (2, 84.0))]
-    rows.append({"run": "b", "seed": 0, "knn_k20_t0.07": 79.0, "linear": 90.0})
+    k20, lin = "knn/top1_k20_t0.07", "linear/test_top1"
+    rows = [{"run": "a", "seed": s, k20: v, lin: v + 1} for s, v in ((0, 80.0), (1, 82.0), (2, 84.0))]
+    rows.append({"run": "b", "seed": 0, k20: 79.0, lin: 90.0})
+    rows.append({"run": "b", "seed": 1})  # still training: not counted
     agg = mod.aggregate(rows)
     a, b = agg
-    assert a["seeds"] == [0, 1, 2] and a["knn_k20_t0.07"] == pytest.approx(82.0)
-    assert a["knn_k20_t0.07_std"] == pytest.approx(2.0)  # sample std of 80, 82, 84
-    assert b["knn_k20_t0.07_std"] is None and b["linear"] == 90.0
-    notes = mod.verdict(agg, [{"run": "raw pixels", "knn_k20_t0.07": 81.0}])
+    assert a["seeds"] == [0, 1, 2] and a["mean"][k20] == pytest.approx(82.0)
+    assert a["std"][k20] == pytest.approx(2.0)  # sample std of 80, 82, 84
+    assert b["seeds"] == [0] and b["std"][k20] is None and b["mean"][lin] == 90.0
+    notes = mod.verdict(agg, [{"run": "raw pixels", k20: 81.0}])
     assert "kNN k=20 T=0.07: 1/2 runs beat the raw pixels (81.00); not: b" in notes
     assert any(n.startswith("best linear probe: b 90.00, ahead of a by 7.00") and "larger than seed noise" in n
                for n in notes)
@@ -95,14 +97,21 @@ def test_study_runs_evaluates_tabulates_and_restarts(tmp_path) -> None:
                                                             ("mocov2-fixed-0.2", 0)]
     for r in res["rows"]:  # the figures are the evaluators' own files
         knn = json.loads((Path(r["run_dir"]) / "eval" / "knn.json").read_text())
-        assert r["knn_k5_t0.07"] == knn["results"][0]["top1"] and r["knn_k10_t0.1"] == knn["results"][1]["top1"]
+        assert r["knn/top1_k5_t0.07"] == knn["results"][0]["top1"] and r["knn/top1_k10_t0.1"] == knn["results"][1]["top1"]
         lin = json.loads((Path(r["run_dir"]) / "eval" / "linear.json").read_text())
-        assert r["linear"] == lin["metrics"]["linear/test_top1"]
-        assert r["tau_final"] is not None and r["alignment"] is not None and r["pretrain_min"] > 0
+        assert r["linear/test_top1"] == lin["metrics"]["linear/test_top1"]
+        assert r["calib/ece_after"] == lin["metrics"]["calib/ece_after"]
+        assert r["tau"] > 0 and r["diag/alignment"] is not None and r["pretrain_min"] > 0
     learn = res["aggregate"][0]
-    assert learn["seeds"] == [0, 1] and learn["knn_k5_t0.07_std"] is not None
-    assert {b["run"] for b in res["baselines"]} == {"raw pixels", "random-init encoder"}
-    assert all(b["knn_k5_t0.07"] is not None and b["linear"] is not None for b in res["baselines"])
+    assert learn["seeds"] == [0, 1] and learn["std"]["knn/top1_k5_t0.07"] is not None
+    pixels, rand = res["baselines"]
+    assert pixels["run"] == "raw pixels" and rand["run"] == "random-init encoder"
+    pix_knn = json.loads((out / "baselines" / "pixels" / "knn.json").read_text())
+    assert pixels["knn/top1_k5_t0.07"] == pix_knn["results"][0]["top1"] and pixels["linear/test_top1"] is not None
+    ref = Path(res["rows"][0]["run_dir"]) / "eval"
+    assert rand["knn/top1_k10_t0.1"] == json.loads((ref / "knn_random_init.json").read_text())["results"][1]["top1"]
+    assert rand["linear/test_top1"] == json.loads((ref / "linear_random_init.json").read_text())["metrics"][
+        "linear_random_init/test_top1"]
     md = (out / "results.md").read_text()
     assert "| simclr-learnable-log | 0,1 |" in md and "*raw pixels*" in md and "paper: SVC" in md
     assert (out / "compare" / "report.html").is_file()

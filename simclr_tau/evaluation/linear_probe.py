@@ -224,12 +224,12 @@ def train_heads_lbfgs(x: Tensor, y: Tensor, num_classes: int, wds: Sequence[floa
     wd = torch.tensor(list(wds), dtype=x.dtype, device=x.device).repeat_interleave(C)  # per column
     opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=iters, history_size=20, tolerance_grad=1e-9,
                             tolerance_change=1e-12, line_search_fn="strong_wolfe")
-    y_all = y.repeat(G)
+    targets = y[:, None].expand(-1, G)  # N x G: every head has the same labels
 
     def closure() -> Tensor:
         opt.zero_grad()
-        logits = (x @ W + b).view(-1, G, C).transpose(0, 1).reshape(-1, C)  # (G·N) x C, head-major
-        loss = F.cross_entropy(logits, y_all) * G + 0.5 * (wd * W.pow(2)).sum()
+        logits = (x @ W + b).view(-1, G, C).transpose(1, 2)  # N x C x G: cross_entropy's class dim is 1
+        loss = F.cross_entropy(logits, targets) * G + 0.5 * (wd * W.pow(2)).sum()  # Σ_g mean_n CE
         loss.backward()
         return loss
 

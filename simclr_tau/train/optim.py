@@ -50,7 +50,7 @@ def build_optimizer(cfg: Any, model: nn.Module, tau_lr_scale: float, lr: float) 
     """SGD (Nesterov-free, momentum), AdamW or LARS (timm) over :func:`param_groups`."""
     groups = param_groups(model, cfg.weight_decay, tau_lr_scale)
     # fused=True: one kernel per step for all parameters (CPU and CUDA in torch >= 2.4); same update rule.
-    fused = {"fused": True} if getattr(cfg, "fused", False) else {}
+    fused = {"fused": True} if cfg.fused else {}
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, **fused)
     if cfg.name == "adamw":

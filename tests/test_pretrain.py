@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,25 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path, r
     rows_full, rows_part = metrics(full.run_dir), metrics(part_dir)
     assert [r["step"] for r in rows_part] == list(range(1, 9))
     assert [r["train/loss"] for r in rows_part] == [r["train/loss"] for r in rows_full]
+
+
+def test_a_relu_tau_stuck_at_its_floor_is_reported_once(tmp_path: Path) -> None:
+    """Resume a relu-τ run whose checkpoint has θ < 0 (as the τ study's relu run reached by itself)."""
+    common = ["temperature.mode=learnable", "temperature.parametrization=relu", "train.run_name=relu"]
+    first = run(tiny_cfg(tmp_path, *common))
+    ckpt_path = list_checkpoints(first.run_dir / "checkpoints")[-1]
+    ckpt = load_checkpoint(ckpt_path)
+    (key,) = [k for k in ckpt["model"] if k.endswith("temperature.theta")]
+    ckpt["model"][key] = torch.tensor(-0.5)
+    torch.save(ckpt, ckpt_path)
+    with pytest.warns(RuntimeWarning, match=r"stuck at its floor eps=0.001") as caught:
+        resumed = run(tiny_cfg(tmp_path, *common, "train.epochs=2"), resume="auto")
+    assert len([w for w in caught if "stuck at its floor" in str(w.message)]) == 1  # once, not every log step
+    assert [r["train/tau"] for r in metrics(resumed.run_dir)[4:]] == pytest.approx([1e-3] * 4)  # dead for good
+    # the same run with a healthy τ says nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        run(tiny_cfg(tmp_path, *common, "train.run_name=healthy"))
 
 
 def test_a_fresh_run_refuses_to_overwrite_an_existing_run(tmp_path: Path) -> None:

@@ -99,6 +99,31 @@ def test_huge_optimizer_step_is_projected_back(parametrization, direction):
     assert tau == pytest.approx(0.05 if direction > 0 else 1.0, rel=1e-6)
 
 
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_only_relu_below_zero_reports_a_stuck_tau(parametrization):
+    """relu's dead zone: θ ≤ 0 gives τ = ε and a zero gradient, so τ can never move again."""
+    t = LearnableTemperature(0.2, parametrization)
+    assert t.health() is None
+    with torch.no_grad():
+        t.theta.fill_(-0.5)
+    tau = t()
+    tau.backward()
+    if parametrization == "relu":
+        assert float(tau.detach()) == pytest.approx(1e-3) and float(t.theta.grad) == 0.0  # what the message claims
+        msg = t.health()
+        assert msg is not None and "stuck at its floor eps=0.001" in msg and "temperature.tau_min" in msg
+    else:
+        assert float(t.theta.grad) > 0.0 and t.health() is None  # log / softplus always have a gradient
+
+
+def test_relu_with_tau_min_above_eps_never_reaches_the_dead_zone():
+    t = LearnableTemperature(0.2, "relu", tau_min=0.01)
+    with torch.no_grad():
+        t.theta.fill_(-0.5)  # an optimizer step far below the bound
+    t.project_()
+    assert float(t().detach()) == pytest.approx(0.01) and t.health() is None
+
+
 def test_learnable_without_bounds_is_not_projected():
     t = LearnableTemperature(0.2, "log")
     with torch.no_grad():

@@ -18,12 +18,14 @@ import contextlib
 import json
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from simclr_tau.errors import UserError
+from simclr_tau.temperature import Temperature
 from simclr_tau.tracking import RunRecord
 from simclr_tau.train.checkpoint import (
     atomic_save,
@@ -254,6 +256,8 @@ class Trainer:
         self.peak_lr = scaled_lr(cfg.optim, self.tc.batch_size)
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
         self.first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)  # first non-finite step
+        self.temperatures = [m for m in self.core.modules() if isinstance(m, Temperature)]
+        self.health_warned: set = set()  # a stuck τ is reported once per module
 
     # ---- non-finite guard and checkpoints -----------------------------------------------------
     def first_bad_step(self) -> int:
@@ -367,3 +371,13 @@ class Trainer:
         if getattr(self.core, "last_tau", None) is not None:  # per-sample τ of the last batch
             self.record.log_histogram("train/tau_hist", self.core.last_tau, step)
         bar.set_postfix({k.split("/")[-1]: f"{float(v):.4g}" for k, v in metrics.items() if k in self.postfix_keys})
+        self.check_temperatures(step)
+
+    def check_temperatures(self, step: int) -> None:
+        """Warn once per τ module that reports itself stuck (:meth:`Temperature.health`), on the main process."""
+        for i, t in enumerate(self.temperatures):
+            msg = None if i in self.health_warned else t.health()
+            if msg is not None:
+                self.health_warned.add(i)
+                if self.accelerator.is_main_process:
+                    warnings.warn(f"step {step}: {msg}", RuntimeWarning, stacklevel=2)

@@ -6,7 +6,7 @@ on one CPU process, one GPU or many.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Tuple
 
 import torch
 import torch.distributed as dist
@@ -23,19 +23,42 @@ def rank_and_world() -> Tuple[int, int]:
     return 0, 1
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: ``dist.all_gather`` + concat. Backward: sum the gradient over ranks, keep this rank's slice.
+
+    Written by hand (16 lines) because torch's own differentiable gather moved: the public
+    ``torch.distributed.nn.functional.all_gather`` is deprecated in torch 2.14 in favour of the private
+    ``torch.distributed._functional_collectives``, whose backward is a reduce-scatter that gloo (the CPU
+    backend we test with) lacks. Only public, backend-neutral collectives here. The backward all-reduces the
+    whole (world·B, D) gradient instead of reduce-scattering it: world× the bytes of a reduce-scatter, which for
+    embeddings (B × 128 floats) is noise next to the backbone's gradient all-reduce.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x)
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # every rank's loss depends on every rank's samples
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
 def all_gather_with_grad(x: Tensor) -> Tensor:
     """Concatenate ``x`` (same shape on every rank) over ranks in rank order, keeping gradients.
 
-    ``torch.distributed.nn.functional.all_gather`` is differentiable: its backward sums the incoming
-    gradients over ranks and returns each rank its slice, so a loss on rank r that uses another rank's
-    samples as negatives sends gradient to that rank. (Accelerate's ``gather`` and plain
-    ``dist.all_gather`` return tensors without a gradient: the bug behind lightly#1528 and friends.)
+    The backward sums the incoming gradients over ranks and returns each rank its slice, so a loss on
+    rank r that uses another rank's samples as negatives sends gradient to that rank. (Accelerate's
+    ``gather`` and plain ``dist.all_gather`` return tensors without a gradient: the bug behind lightly#1528
+    and friends.)
     """
     if not is_distributed():
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    return _AllGatherWithGrad.apply(x.contiguous())
 
 
 @torch.no_grad()

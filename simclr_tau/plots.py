@@ -154,34 +154,50 @@ def plot_knn_curves(runs: Sequence["RunData"], keys: Sequence[str], path: Path) 
     return _save(fig, path)
 
 
-def plot_final_bars(runs: Sequence["RunData"], keys: Sequence[Tuple[str, str]], path: Path) -> Optional[Path]:
-    """One panel per (key, label) with a bar per run (value written on the bar); runs without it are left out."""
+def value_limits(values: Sequence[float], pad: float = 0.12) -> Tuple[float, float]:
+    """Axis limits that fit the values with ``pad`` of their range either side (never forced to include 0).
+
+    Runs of one study differ by tenths of a point out of 85: an axis from 0 flattens exactly the
+    differences a comparison is for. A single value (or equal values) gets ±5 % of its size (±1 if 0).
+    """
+    lo, hi = min(values), max(values)
+    span = hi - lo
+    if span == 0:
+        span = abs(lo) * 0.1 or 2.0
+        return lo - span / 2, hi + span / 2
+    return lo - pad * span, hi + pad * span
+
+
+def plot_final_metrics(runs: Sequence["RunData"], keys: Sequence[Tuple[str, str]], path: Path) -> Optional[Path]:
+    """One panel per (key, label): a dot per run on a value axis fitted to the values, value written beside it.
+
+    A dot plot rather than bars: bars must start at 0, which hides the sub-point differences between runs.
+    Runs read top to bottom in the legend's order; runs without the key are left out of that panel.
+    """
     keys = [(k, lab) for k, lab in keys if any(k in r.final for r in runs)]
     if not keys:
         return None
     plt, colors = _plt(), run_colors(runs)
     ncol = min(3, len(keys))
     nrow = math.ceil(len(keys) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.6 * nrow + 0.5), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, (0.22 * len(runs) + 1.3) * nrow + 0.5), squeeze=False)
     for ax in axes.flat[len(keys):]:
         ax.set_visible(False)
     handles: Dict[str, Any] = {}
     for ax, (key, label) in zip(axes.flat, keys):
-        for i, r in enumerate(runs):
-            v = r.final.get(key)
-            if v is None or not math.isfinite(v):
-                continue
-            bar = ax.bar(i, v, color=colors[r.name], width=0.7)
-            handles.setdefault(r.name, bar)
-            ax.annotate(f"{v:.4g}", (i, v), ha="center", va="bottom", fontsize=8, xytext=(0, 2),
-                        textcoords="offset points")
-        ax.set_title(label)
-        ax.set_xticks(range(len(runs)), [str(i + 1) for i in range(len(runs))])
-        ax.set_xlabel("run")
-        ax.margins(y=0.15)
-        ax.grid(axis="y", alpha=0.3)
-    shown = [(i, r.name) for i, r in enumerate(runs) if r.name in handles]  # bar i+1 is run i+1 in the legend
-    _legend_below(fig, [handles[n] for _, n in shown], [f"{i + 1}: {n}" for i, n in shown])
+        shown = [(i, r.final[key]) for i, r in enumerate(runs)
+                 if isinstance(r.final.get(key), (int, float)) and math.isfinite(r.final[key])]
+        for i, v in shown:
+            handles.setdefault(runs[i].name, ax.scatter([v], [i], color=colors[runs[i].name], s=36, zorder=3))
+            ax.annotate(f"{v:.4g}", (v, i), va="center", fontsize=7, xytext=(5, 0), textcoords="offset points")
+        lo, hi = value_limits([v for _, v in shown])
+        ax.set_xlim(lo, hi + 0.15 * (hi - lo))  # room for the printed values on the right
+        ax.set_ylim(len(runs) - 0.5, -0.5)  # run 1 on top
+        ax.set_yticks(range(len(runs)), [str(i + 1) for i in range(len(runs))], fontsize=8)
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    order = [r.name for r in runs if r.name in handles]
+    _legend_below(fig, [handles[n] for n in order], [f"{i + 1}: {r.name}" for i, r in enumerate(runs) if r.name in handles])
     return _save(fig, path)
 
 
@@ -212,7 +228,7 @@ def plot_all(runs: Sequence["RunData"], out: Path, extra: Sequence[str] = ()) ->
     bars += [("linear/test_top1", "linear probe test top-1 (%)"), ("calib/ece_before", "ECE before calibration"),
              ("calib/ece_after", "ECE after temperature scaling")]
     bars += [(k, k) for k in extra]
-    add("final metrics", plot_final_bars(runs, bars, out / "final_metrics.png"), "no final kNN / linear / ECE results")
+    add("final metrics", plot_final_metrics(runs, bars, out / "final_metrics.png"), "no final kNN / linear / ECE results")
     for k in extra:
         if any(r.series(k)[0] for r in runs):
             add(f"{k} vs step", plot_lines(runs, k, out / f"curve_{_slug(k)}.png"), "")

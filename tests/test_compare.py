@@ -361,3 +361,20 @@ def test_tau_axis_turns_logarithmic_when_taus_span_more_than_a_decade() -> None:
     assert tau_axis_scale([0.07, 0.2, 0.5]) == "linear"
     assert tau_axis_scale([0.001, 0.2, 8.0]) == "log"  # a relu-parametrized τ at its floor next to fixed ones
     assert tau_axis_scale([0.05, 0.6]) == "log" and tau_axis_scale([0.1, 1.0]) == "linear"
+
+
+def test_final_metrics_axis_fits_the_values_instead_of_starting_at_zero(tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    from simclr_tau.compare import RunData
+    from simclr_tau.plots import plot_final_metrics, value_limits
+
+    lo, hi = value_limits([83.52, 84.26, 83.84])
+    assert lo == pytest.approx(83.52 - 0.12 * 0.74) and hi == pytest.approx(84.26 + 0.12 * 0.74)
+    assert value_limits([-2.35, -1.9]) == pytest.approx((-2.35 - 0.054, -1.9 + 0.054))  # negative metrics too
+    assert value_limits([85.0]) == pytest.approx((80.75, 89.25)) and value_limits([0.0]) == (-1.0, 1.0)
+    runs = [RunData(name=f"r{i}", source="x", config={}, final={"knn/top1_k20_t0.07": v, "tau": 0.2})
+            for i, v in enumerate([83.5, 84.3, float("nan")])]
+    path = plot_final_metrics(runs, [("knn/top1_k20_t0.07", "kNN"), ("linear/test_top1", "absent")], tmp_path / "f.png")
+    assert path is not None and imread(path).shape[0] > 100
+    assert plot_final_metrics(runs, [("linear/test_top1", "absent")], tmp_path / "g.png") is None

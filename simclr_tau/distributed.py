@@ -26,12 +26,12 @@ def rank_and_world() -> Tuple[int, int]:
 class _AllGatherWithGrad(torch.autograd.Function):
     """Forward: ``dist.all_gather`` + concat. Backward: sum the gradient over ranks, keep this rank's slice.
 
-    Written by hand (16 lines) because torch's own differentiable gather moved: the public
-    ``torch.distributed.nn.functional.all_gather`` is deprecated in torch 2.14 in favour of the private
-    ``torch.distributed._functional_collectives``, whose backward is a reduce-scatter that gloo (the CPU
-    backend we test with) lacks. Only public, backend-neutral collectives here. The backward all-reduces the
-    whole (world·B, D) gradient instead of reduce-scattering it: world× the bytes of a reduce-scatter, which for
-    embeddings (B × 128 floats) is noise next to the backbone's gradient all-reduce.
+    Written by hand (16 lines) because torch's own differentiable gather is moving: torch 2.14 deprecates the
+    public ``torch.distributed.nn.functional.all_gather`` (a FutureWarning on every step) in favour of the
+    private ``torch.distributed._functional_collectives``, and deprecates ``dist.reduce_scatter_tensor`` too.
+    ``dist.all_gather`` / ``dist.all_reduce`` are public, stable and run on gloo and NCCL alike. The backward
+    all-reduces the whole (world·B, D) gradient instead of reduce-scattering it: world× the bytes of a
+    reduce-scatter, which for embeddings (B × 128 floats) is noise next to the backbone's gradient all-reduce.
     """
 
     @staticmethod

@@ -340,7 +340,8 @@ def machine() -> str:
 
 def write_results(args: argparse.Namespace, jobs: List[Job], wall_s: float, wall_what: str = "wall time of this invocation"
                   ) -> str:
-    rows = [run_row(j, step_seconds(Path(args.out))) for j in jobs]
+    seconds = step_seconds(Path(args.out))
+    rows = [run_row(j, seconds) for j in jobs]
     agg, base = aggregate(rows), ([] if args.no_baselines else baseline_rows(args, jobs))
     notes = verdict(agg, base)
     cmd = shlex.join([Path(sys.executable).name, *sys.argv])

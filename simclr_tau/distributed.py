@@ -43,7 +43,8 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        grad = grad.contiguous()
+        # a copy: the incoming gradient may be held elsewhere (a hook) and all_reduce works in place
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # every rank's loss depends on every rank's samples
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
 

@@ -172,9 +172,13 @@ def plot_final_metrics(runs: Sequence["RunData"], keys: Sequence[Tuple[str, str]
     """One panel per (key, label): a dot per run on a value axis fitted to the values, value written beside it.
 
     A dot plot rather than bars: bars must start at 0, which hides the sub-point differences between runs.
-    Runs read top to bottom in the legend's order; runs without the key are left out of that panel.
+    Runs read top to bottom in the legend's order; runs without a finite value are left out of that panel.
     """
-    keys = [(k, lab) for k, lab in keys if any(k in r.final for r in runs)]
+    def finite(r: "RunData", key: str) -> bool:
+        v = r.final.get(key)
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    keys = [(k, lab) for k, lab in keys if any(finite(r, k) for r in runs)]
     if not keys:
         return None
     plt, colors = _plt(), run_colors(runs)
@@ -185,8 +189,7 @@ def plot_final_metrics(runs: Sequence["RunData"], keys: Sequence[Tuple[str, str]
         ax.set_visible(False)
     handles: Dict[str, Any] = {}
     for ax, (key, label) in zip(axes.flat, keys):
-        shown = [(i, r.final[key]) for i, r in enumerate(runs)
-                 if isinstance(r.final.get(key), (int, float)) and math.isfinite(r.final[key])]
+        shown = [(i, r.final[key]) for i, r in enumerate(runs) if finite(r, key)]
         for i, v in shown:
             handles.setdefault(runs[i].name, ax.scatter([v], [i], color=colors[runs[i].name], s=36, zorder=3))
             ax.annotate(f"{v:.4g}", (v, i), va="center", fontsize=7, xytext=(5, 0), textcoords="offset points")
@@ -196,8 +199,8 @@ def plot_final_metrics(runs: Sequence["RunData"], keys: Sequence[Tuple[str, str]
         ax.set_yticks(range(len(runs)), [str(i + 1) for i in range(len(runs))], fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
-    order = [r.name for r in runs if r.name in handles]
-    _legend_below(fig, [handles[n] for n in order], [f"{i + 1}: {r.name}" for i, r in enumerate(runs) if r.name in handles])
+    listed = [(i, r.name) for i, r in enumerate(runs) if r.name in handles]  # dot row i+1 is run i+1 here
+    _legend_below(fig, [handles[n] for _, n in listed], [f"{i + 1}: {n}" for i, n in listed])
     return _save(fig, path)
 
 

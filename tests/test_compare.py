@@ -378,3 +378,5 @@ def test_final_metrics_axis_fits_the_values_instead_of_starting_at_zero(tmp_path
     path = plot_final_metrics(runs, [("knn/top1_k20_t0.07", "kNN"), ("linear/test_top1", "absent")], tmp_path / "f.png")
     assert path is not None and imread(path).shape[0] > 100
     assert plot_final_metrics(runs, [("linear/test_top1", "absent")], tmp_path / "g.png") is None
+    nan_only = [RunData(name="n", source="x", config={}, final={"calib/ece_after": float("nan")})]
+    assert plot_final_metrics(nan_only, [("calib/ece_after", "ECE")], tmp_path / "h.png") is None  # no empty panel

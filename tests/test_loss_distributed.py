@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from simclr_tau.distributed import all_gather_with_grad
 from simclr_tau.losses import info_nce_in_batch, nt_xent
 from simclr_tau.temperature import ConditionalTemperature, LearnableTemperature
 
@@ -101,6 +102,15 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         local = loss_of("scalar", Net("scalar"), x1[mine], x2[mine], tau_mine, gather=False).detach()
         dist.all_reduce(local)
         results["local_only_scalar_loss"] = local / world
+        # all_gather_with_grad itself: loss = Σ w ⊙ gather(x) on every rank, so dloss/dx_r = world · w[r's rows],
+        # and the gradient a hook on the gathered tensor saw must stay w, not become the all-reduced sum.
+        x = torch.full((2, 3), float(rank + 1), dtype=torch.float64, requires_grad=True)
+        w = torch.arange(WORLD * 6, dtype=torch.float64).view(WORLD * 2, 3)
+        gathered = all_gather_with_grad(x)
+        seen = []
+        gathered.register_hook(seen.append)  # keeps the very tensor autograd hands on to the backward
+        (gathered * w).sum().backward()
+        results["gather"] = {"value": gathered.detach(), "x_grad": x.grad, "gathered_grad": seen[0]}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -141,3 +151,13 @@ def test_global_negatives_matter(distributed_results):
     loss, _ = reference("scalar")
     local = distributed_results[0]["local_only_scalar_loss"]
     assert abs(float(local) - float(loss)) > 1e-2
+
+
+def test_all_gather_with_grad_values_gradients_and_untouched_upstream_gradient(distributed_results):
+    w = torch.arange(WORLD * 6, dtype=torch.float64).view(WORLD * 2, 3)
+    for rank, results in enumerate(distributed_results):
+        g = results["gather"]
+        torch.testing.assert_close(g["value"], torch.cat([torch.full((2, 3), float(r + 1), dtype=torch.float64)
+                                                          for r in range(WORLD)]), rtol=0, atol=0)  # rank order
+        torch.testing.assert_close(g["x_grad"], WORLD * w[rank * 2:(rank + 1) * 2], rtol=0, atol=0)
+        torch.testing.assert_close(g["gathered_grad"], w, rtol=0, atol=0)

@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout, installed or not
 
-from simclr_tau.compare import final_tau, knn_label, knn_order, load_run_dir  # noqa: E402
+from simclr_tau.records.run_data import final_tau, knn_label, knn_order, load_run_dir  # noqa: E402
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     # backbone / epochs / batch live in the configs; the comments there say why

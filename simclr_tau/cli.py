@@ -17,7 +17,7 @@ SUBCOMMANDS = {
     "pretrain": ("simclr_tau.pretrain", "main", "pretrain an encoder (SimCLR / MoCo)"),
     "knn": ("simclr_tau.evaluation.cli", "knn_main", "FAISS kNN evaluation of a frozen encoder"),
     "linear": ("simclr_tau.evaluation.cli", "linear_main", "linear probe (+ temperature-scaling calibration)"),
-    "compare": ("simclr_tau.compare", "main", "compare runs: table of final metrics and config differences, plots"),
+    "compare": ("simclr_tau.records.compare", "main", "compare runs: table of final metrics and config differences, plots"),
     "distill": ("simclr_tau.distill", "main", "knowledge distillation from a pretrained teacher"),
 }
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simclr_tau.compare import RunData, compare, load_run_dir
+from simclr_tau.records.compare import compare
+from simclr_tau.records.run_data import RunData, load_run_dir
 from simclr_tau.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def runs(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def result(runs, tmp_path_factory):
-    from simclr_tau.compare import main
+    from simclr_tau.records.compare import main
 
     out = tmp_path_factory.mktemp("compare_out")
     return main([*map(str, runs), "--out", str(out)])
@@ -92,7 +93,7 @@ def test_config_differences_name_the_tau_mode(result) -> None:
 
 
 def test_printed_tables(runs, tmp_path, capsys) -> None:
-    from simclr_tau.compare import main
+    from simclr_tau.records.compare import main
 
     main([*map(str, runs), "--out", str(tmp_path), "--no-plots"])
     out = capsys.readouterr().out
@@ -207,7 +208,7 @@ def fake_wandb_api(monkeypatch, runs):
 
 
 def test_wandb_path_gives_the_same_table_as_the_local_records(fake_wandb_api, result, tmp_path) -> None:
-    from simclr_tau.compare import main
+    from simclr_tau.records.compare import main
 
     comp = main(["--wandb", "team/tau-study", "--out", str(tmp_path)])
     assert fake_wandb_api.calls == [("team/tau-study", None)]
@@ -222,7 +223,7 @@ def test_wandb_path_gives_the_same_table_as_the_local_records(fake_wandb_api, re
 
 
 def test_wandb_filters_are_passed_through(fake_wandb_api, tmp_path) -> None:
-    from simclr_tau.compare import main
+    from simclr_tau.records.compare import main
 
     comp = main(["--wandb", "team/tau-study", "--filter", "temperature.mode=learnable", "--filter",
                  "tags=dataset:synthetic", "--out", str(tmp_path), "--no-plots"])
@@ -299,7 +300,7 @@ def test_console_script_reports_a_non_run_directory_without_traceback(tmp_path) 
 
 
 def test_a_directory_of_runs_stands_for_its_runs(runs, tmp_path) -> None:
-    from simclr_tau.compare import expand_run_dirs
+    from simclr_tau.records.run_data import expand_run_dirs
 
     assert sorted(expand_run_dirs([str(runs[0].parent)])) == sorted(runs)
     assert load_run_dir(runs[0]).name == "tau-fixed"
@@ -356,7 +357,7 @@ def test_tau_sweep_runs_and_compares(tmp_path) -> None:
 
 
 def test_tau_axis_turns_logarithmic_when_taus_span_more_than_a_decade() -> None:
-    from simclr_tau.plots import tau_axis_scale
+    from simclr_tau.records.plots import tau_axis_scale
 
     assert tau_axis_scale([0.07, 0.2, 0.5]) == "linear"
     assert tau_axis_scale([0.001, 0.2, 8.0]) == "log"  # a relu-parametrized τ at its floor next to fixed ones
@@ -366,8 +367,8 @@ def test_tau_axis_turns_logarithmic_when_taus_span_more_than_a_decade() -> None:
 def test_final_metrics_axis_fits_the_values_instead_of_starting_at_zero(tmp_path: Path) -> None:
     from matplotlib.image import imread
 
-    from simclr_tau.compare import RunData
-    from simclr_tau.plots import plot_final_metrics, value_limits
+    from simclr_tau.records.run_data import RunData
+    from simclr_tau.records.plots import plot_final_metrics, value_limits
 
     lo, hi = value_limits([83.52, 84.26, 83.84])
     assert lo == pytest.approx(83.52 - 0.12 * 0.74) and hi == pytest.approx(84.26 + 0.12 * 0.74)

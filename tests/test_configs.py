@@ -14,7 +14,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_loads(path: Path) -> None:
     if path.name.startswith("distill_"):
-        from simclr_tau.distill import load_distill_config
+        from simclr_tau.config import load_distill_config
 
         cfg = load_distill_config(str(path))
     else:

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from simclr_tau.config import AugmentConfig, load_config
-from simclr_tau.distill import _with_labels, load_distill_config, run
-from simclr_tau.grl import GradientReversal, cosine_ramp, grad_reverse
+from simclr_tau.config import load_distill_config
+from simclr_tau.train.distill import _with_labels, run
+from simclr_tau.temperature.grl import GradientReversal, cosine_ramp, grad_reverse
 from simclr_tau.losses import relational_kd_loss
 from simclr_tau.methods.distill import SEED, FrozenTeacher, LogitKD, kd_objective
 from simclr_tau.temperature import FixedTemperature, LearnableTemperature

@@ -17,8 +17,8 @@ from simclr_tau.errors import UserError
 from simclr_tau.evaluation.features import extract_features
 from simclr_tau.evaluation.linear_probe import (
     ProbeConfig, augmented_view_transform, linear_probe, linear_probe_augmented, split_train_val,
-    train_heads_minibatch,
 )
+from simclr_tau.evaluation.probe_solvers import train_heads_minibatch
 
 
 def _blobs(n_per_class, c=4, d=16, spread=0.3, seed=0, noise_seed=None):
@@ -164,7 +164,7 @@ def test_stacked_lbfgs_grid_matches_sklearn_per_head():
     LogisticRegression with C = 1 / (wd · n) minimizes n·(mean CE + wd/2 ||W||²), intercept unpenalized."""
     from sklearn.linear_model import LogisticRegression
 
-    from simclr_tau.evaluation.linear_probe import train_heads_lbfgs
+    from simclr_tau.evaluation.probe_solvers import train_heads_lbfgs
 
     x, y = _blobs(60, c=3, d=6, spread=3.0, seed=2)  # overlapping classes: a finite, wd-dependent optimum
     x = (x - x.mean(0)) / x.std(0)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from simclr_tau.config import flatten, load_config
-from simclr_tau.tracking import run_tags, wandb_mode
+from simclr_tau.records.writer import run_tags, wandb_mode
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "synthetic_tiny.yaml")
@@ -144,7 +144,13 @@ def test_training_and_evaluation_reach_the_same_wandb_run(fake_wandb_init, tmp_p
 # ---- real wandb, offline ------------------------------------------------------------------------------
 
 def _offline_ids(run_dir: Path) -> list[str]:
-    return sorted(p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*"))
+    """W&B run ids of the offline run directories: offline-run-<YYYYmmdd_HHMMSS>-<id>, and wandb appends -<n>
+    when two attempts of one run start within the same second."""
+    import re
+
+    ids = [re.fullmatch(r"offline-run-\d{8}_\d{6}-([^-]+)(?:-\d+)?", p.name) for p in (run_dir / "wandb").glob("offline-run-*")]
+    assert all(ids), sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    return sorted(m.group(1) for m in ids)
 
 
 def test_no_api_key_means_offline_files_in_the_run_dir_and_one_id_across_restart_and_eval(

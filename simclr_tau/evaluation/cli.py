@@ -1,4 +1,5 @@
-"""``simclr-tau knn`` and ``simclr-tau linear``: evaluate a frozen encoder.
+"""``simclr-tau knn`` and ``simclr-tau linear``: evaluate a frozen encoder (the command lines; what a TARGET
+is: :mod:`simclr_tau.evaluation.targets`, where results go: :mod:`simclr_tau.evaluation.results`).
 
     simclr-tau knn TARGET [a.b=value ...] [--random-init] [--k 20 200] [--t 0.07 0.1] [--out DIR] [--batch-size N]
     simclr-tau linear TARGET [a.b=value ...] [--mode fast|augmented] [--optimizer sgd|adamw|lbfgs] [--epochs N] ...
@@ -18,189 +19,21 @@ run's W&B summary) under ``knn/...``, ``diag/...``, ``linear/...``, ``calib/...`
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from torch import nn
 
 from simclr_tau.errors import UserError, exit_on_user_error
-
-PIXELS = "pixels"
-
-
-@dataclass
-class Target:
-    """What is evaluated, on which data, and where results go."""
-
-    kind: str  # run | encoder | pixels
-    description: str
-    encoder: nn.Module
-    cfg: Any  # the effective config (run config + overrides)
-    image_size: int
-    channels: int
-    mean: List[float]
-    std: List[float]
-    out_dir: Path
-    run_dir: Optional[Path] = None  # set when results belong to a pretraining run (summary.json)
-    encoder_id: Optional[str] = None  # cache identity; None disables the cache
-    random_init: bool = False
-
-
-def _load_cfg(config: Optional[str], data: Optional[str], overrides: Sequence[str]) -> Any:
-    from simclr_tau.config import load_config
-
-    extra = [f"data.name={data}"] if data else []
-    return load_config(config, list(extra) + list(overrides))
-
-
-def resolve_target(target: str, config: Optional[str] = None, data: Optional[str] = None,
-                   overrides: Sequence[str] = (), random_init: bool = False, seed: int = 0,
-                   out: Optional[str] = None) -> Target:
-    """Turn the TARGET argument into a :class:`Target` (encoder loaded, config resolved). UserError if unusable."""
-    from omegaconf import OmegaConf
-
-    from simclr_tau.config import ModelConfig
-    from simclr_tau.evaluation.features import PixelEncoder, file_digest, module_digest
-    from simclr_tau.models.encoder import build_encoder
-    from simclr_tau.models.export import load_encoder, read_metadata
-
-    if target == PIXELS:
-        if random_init:
-            raise UserError("--random-init does not apply to the pixels baseline")
-        cfg = _load_cfg(config, data, overrides)
-        from simclr_tau.data.datasets import build_eval_datasets, normalization
-
-        train_ds, _ = build_eval_datasets(cfg.data)
-        norm = normalization(cfg.data.name, train_ds)
-        out_dir = Path(out) if out else Path(cfg.train.output_dir) / f"pixels-{cfg.data.name}" / "eval"
-        return Target(PIXELS, f"pixels ({cfg.data.name})", PixelEncoder(), cfg,
-                      cfg.data.image_size or train_ds.image_size, train_ds.channels, list(norm.mean), list(norm.std), out_dir)
-
-    path = Path(target)
-    if not path.exists():
-        raise UserError(f"{path}: no such run directory or encoder file (or use 'pixels')")
-    run_dir: Optional[Path] = None
-    if path.is_dir():
-        enc_path = path / "encoder.safetensors"
-        if not (path / "config.yaml").is_file():
-            raise UserError(f"{path}: not a run directory (no config.yaml)")
-        if not enc_path.is_file():
-            raise UserError(f"{path}: no encoder.safetensors (pretraining not finished? export it first)")
-        run_dir = path
-    else:
-        enc_path = path
-        if (path.parent / "config.yaml").is_file():
-            run_dir = path.parent
-    if config is not None:
-        cfg = _load_cfg(config, data, overrides)
-    elif run_dir is not None:
-        cfg = _load_cfg(str(run_dir / "config.yaml"), data, overrides)
-    elif data is not None:
-        cfg = _load_cfg(None, data, overrides)
-    else:
-        raise UserError(f"{path}: an encoder file outside a run directory needs --config CONFIG.yaml or --data NAME")
-
-    if random_init:
-        meta = read_metadata(enc_path)
-        model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["model"])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            encoder, _ = build_encoder(model_cfg, meta["in_chans"])
-        encoder.eval()
-        encoder_id = f"random-init:{module_digest(encoder)}"
-    else:
-        encoder, meta = load_encoder(enc_path)
-        encoder_id = f"file:{file_digest(enc_path)}"
-    base = run_dir if run_dir is not None else enc_path.parent
-    out_dir = Path(out) if out else base / "eval"
-    desc = f"{enc_path}{' (random init, seed %d)' % seed if random_init else ''}"
-    return Target("run" if run_dir is not None else "encoder", desc, encoder, cfg, meta["image_size"],
-                  meta["in_chans"], list(meta["mean"]), list(meta["std"]), out_dir, run_dir, encoder_id, random_init)
-
-
-def load_data(t: Target) -> Tuple[Any, Any]:
-    """(train, test) datasets of the target's config, checked against the encoder's input channels."""
-    from simclr_tau.data.datasets import build_eval_datasets
-
-    train_ds, test_ds = build_eval_datasets(t.cfg.data)
-    if train_ds.channels != t.channels:
-        fix = "rgb" if t.channels == 3 else "native"
-        raise UserError(f"the encoder expects {t.channels}-channel images but data.name={t.cfg.data.name} gives "
-                        f"{train_ds.channels}; add data.channels={fix}")
-    if train_ds.num_classes != test_ds.num_classes:
-        raise UserError(f"data.name={t.cfg.data.name}: train and test splits have {train_ds.num_classes} and "
-                        f"{test_ds.num_classes} classes")
-    return train_ds, test_ds
-
-
-def target_features(t: Target, train_ds: Any, test_ds: Any, batch_size: int, accelerator: Any = None,
-                    use_cache: bool = True, num_workers: int = 0, progress: bool = False
-                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Dict[str, bool]]:
-    """Clean (eval-transform) features of both splits, through the cache when the target has an identity."""
-    from simclr_tau.data.augment import eval_transform
-    from simclr_tau.evaluation.features import cached_features, dataset_identity
-
-    transform = eval_transform(t.image_size, t.channels, t.mean, t.std)
-    transform_id = {"kind": "eval", "image_size": t.image_size, "mean": t.mean, "std": t.std}
-    cache_dir = t.out_dir / "cache" if (use_cache and t.encoder_id) else None
-    d = t.cfg.data
-    out, hits = [], {}
-    for split, ds in (("train", train_ds), ("test", test_ds)):
-        f, y, hit = cached_features(
-            t.encoder, ds, transform, cache_dir=cache_dir, encoder_id=t.encoder_id or "",
-            dataset_id=dataset_identity(ds, d.name, d.root, split), transform_id=transform_id,
-            batch_size=batch_size, accelerator=accelerator, num_workers=num_workers, progress=progress)
-        out += [f, y]
-        hits[split] = hit
-    return out[0], out[1], out[2], out[3], hits
+from simclr_tau.evaluation.results import update_run_summary, write_json
+from simclr_tau.evaluation.targets import Target, load_data, resolve_target, target_features
 
 
 def _accelerator() -> Any:
     from accelerate import Accelerator
 
     return Accelerator(cpu=not torch.cuda.is_available())
-
-
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v
-
-
-def write_json(path: Path, payload: Dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_json_safe(payload), indent=2, sort_keys=True))
-    tmp.replace(path)
-    return path
-
-
-def update_run_summary(t: Target, values: Dict[str, Any]) -> None:
-    """Merge ``values`` into the run's summary.json (and its W&B run) with :class:`RunRecord`."""
-    if t.run_dir is None or not values:
-        return
-    from simclr_tau.config import load_config
-    from simclr_tau.tracking import RunRecord
-
-    path = t.run_dir / "summary.json"
-    summary = json.loads(path.read_text()) if path.is_file() else {}
-    # the summary keeps the run's own config; only the W&B switch comes from this command's overrides
-    record_cfg = load_config(t.run_dir / "config.yaml")
-    record_cfg.wandb = t.cfg.wandb
-    record = RunRecord(t.run_dir, record_cfg, summary.get("run_name") or t.run_dir.name, wandb_id=summary.get("wandb_id"))
-    try:
-        record.update_summary({k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    finally:
-        record.close()
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
@@ -265,6 +98,7 @@ def _ks_ts(args: argparse.Namespace, cfg: Any) -> Tuple[List[int], List[Optional
 
 @exit_on_user_error
 def knn_main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    from simclr_tau.evaluation.diagnostics import knn_diagnostics
     from simclr_tau.evaluation.knn import knn_eval, metric_suffix
 
     args = build_knn_parser().parse_intermixed_args(argv)
@@ -294,8 +128,8 @@ def knn_main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     }
     summary_values = dict(payload["metrics"])
     if not args.no_diagnostics:
-        payload["diagnostics"] = _knn_diagnostics(t, args, accelerator, test_ds, tr_f, tr_y, te_f, te_y, ks[0], ts[0],
-                                                  weighted, C, batch_size)
+        payload["diagnostics"] = knn_diagnostics(t, accelerator, test_ds, tr_f, tr_y, te_f, te_y, ks[0], ts[0],
+                                                 weighted, C, batch_size, args.diag_n, args.seed)
         dprefix = "diag_random_init" if t.random_init else "diag"
         d = payload["diagnostics"]
         summary_values.update({f"{dprefix}/alignment": d["alignment"], f"{dprefix}/uniformity": d["uniformity"]})
@@ -306,28 +140,6 @@ def knn_main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     update_run_summary(t, summary_values)
     _print_knn(t, payload, path)
     return payload
-
-
-def _knn_diagnostics(t: Target, args, accelerator, test_ds, tr_f, tr_y, te_f, te_y, k, T, weighted, C, batch_size):
-    from simclr_tau.data.augment import eval_transform, simclr_view_transform
-    from simclr_tau.evaluation.diagnostics import alignment_uniformity, conditional_tau_report
-    from simclr_tau.evaluation.knn import knn_search, topk_correct, vote
-
-    clean = eval_transform(t.image_size, t.channels, t.mean, t.std)
-    views = simclr_view_transform(t.cfg.augment, t.image_size, t.channels, t.mean, t.std)
-    out: Dict[str, Any] = alignment_uniformity(t.encoder, test_ds, clean, views, args.diag_n, batch_size, args.seed,
-                                               accelerator)
-    out["positive_pairs"] = "two simclr_view_transform views (run's augment config) of the same test images"
-    if t.kind == PIXELS or t.random_init:
-        out["conditional_tau"] = {"skipped": "no temperature head (pixels / random init)"}
-        return out
-    sims, idx = knn_search(tr_f, te_f, k)
-    correct = topk_correct(vote(sims, idx, tr_y, k, T, C, weighted), te_y, 1)
-    out["conditional_tau"] = conditional_tau_report(t.run_dir, t.cfg, test_ds, clean, correct, t.channels, batch_size,
-                                                    getattr(test_ds, "classes", None))
-    if "auroc_tau_vs_knn_error" in out["conditional_tau"]:
-        out["conditional_tau"]["knn_setting"] = {"k": k, "T": T}
-    return out
 
 
 def _print_knn(t: Target, payload: Dict[str, Any], path: Path) -> None:

@@ -119,3 +119,30 @@ def conditional_tau_report(
         "tau_mean_per_class": per_class,
         "n": int(len(tau)),
     }
+
+
+def knn_diagnostics(t: Any, accelerator: Any, test_ds: Any, tr_f: Tensor, tr_y: Tensor, te_f: Tensor, te_y: Tensor,
+                    k: int, T: float, weighted: bool, num_classes: int, batch_size: int, diag_n: int = 1000,
+                    seed: int = 0) -> Dict[str, Any]:
+    """The ``knn`` command's diagnostics of a :class:`~simclr_tau.evaluation.targets.Target`: alignment and
+    uniformity of ``diag_n`` test images (two augmented views as positives), and, for a run with a conditional
+    τ, :func:`conditional_tau_report` against the kNN (k, T) errors."""
+    from simclr_tau.data.augment import eval_transform, simclr_view_transform
+    from simclr_tau.evaluation.knn import knn_search, topk_correct, vote
+    from simclr_tau.evaluation.targets import PIXELS
+
+    clean = eval_transform(t.image_size, t.channels, t.mean, t.std)
+    views = simclr_view_transform(t.cfg.augment, t.image_size, t.channels, t.mean, t.std)
+    out: Dict[str, Any] = alignment_uniformity(t.encoder, test_ds, clean, views, diag_n, batch_size, seed,
+                                               accelerator)
+    out["positive_pairs"] = "two simclr_view_transform views (run's augment config) of the same test images"
+    if t.kind == PIXELS or t.random_init:
+        out["conditional_tau"] = {"skipped": "no temperature head (pixels / random init)"}
+        return out
+    sims, idx = knn_search(tr_f, te_f, k)
+    correct = topk_correct(vote(sims, idx, tr_y, k, T, num_classes, weighted), te_y, 1)
+    out["conditional_tau"] = conditional_tau_report(t.run_dir, t.cfg, test_ds, clean, correct, t.channels, batch_size,
+                                                    getattr(test_ds, "classes", None))
+    if "auroc_tau_vs_knn_error" in out["conditional_tau"]:
+        out["conditional_tau"]["knn_setting"] = {"k": k, "T": T}
+    return out

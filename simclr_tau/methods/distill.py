@@ -13,7 +13,7 @@ The student backbone is ``method.encoder`` (exported as ``encoder.safetensors``,
   teacher logits z_t = its encoder + trained linear probe;
   loss = α·CE(z_s, y) + (1 − α)·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) (:func:`kd_objective`).
   T is any temperature module (fixed, learnable, scheduled = annealed, conditional = per sample);
-  CTKD puts a learnable T behind a :class:`~simclr_tau.grl.GradientReversal` whose λ ramps by a cosine.
+  CTKD puts a learnable T behind a :class:`~simclr_tau.temperature.grl.GradientReversal` whose λ ramps by a cosine.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from simclr_tau.distributed import all_gather_no_grad
-from simclr_tau.grl import GradientReversal, cosine_ramp
+from simclr_tau.temperature.grl import GradientReversal, cosine_ramp
 from simclr_tau.losses import kd_loss, relational_kd_loss
 from simclr_tau.losses.nt_xent import TauLike, upcast
 from simclr_tau.temperature import Temperature
@@ -198,7 +198,7 @@ class LogitKD(nn.Module):
 
 def build_distill_method(cfg: Any, teacher: FrozenTeacher, in_chans: int, steps_per_epoch: int,
                          total_steps: int) -> nn.Module:
-    """The method ``cfg.train.method`` (``seed`` | ``kd``) of a :class:`~simclr_tau.distill.DistillConfig`."""
+    """The method ``cfg.train.method`` (``seed`` | ``kd``) of a :class:`~simclr_tau.config.DistillConfig`."""
     from simclr_tau.models import build_encoder, mlp
     from simclr_tau.temperature import build_temperature
 

@@ -1,6 +1,6 @@
 """The training loop shared by pretraining (:mod:`simclr_tau.train.pretrain`) and distillation
-(:mod:`simclr_tau.distill`): run directory and resume, the optimizer step, logging, online kNN,
-checkpoints, signals and the non-finite guard. Each caller builds its data, method and optimizer and
+(:mod:`simclr_tau.train.distill`): the optimizer step, logging, online kNN, checkpoints, signals and the
+non-finite guard (the run directory and resume are :mod:`simclr_tau.train.session`). Each caller builds its data, method and optimizer and
 hands them to a :class:`Trainer`.
 
 Per optimizer step:
@@ -15,7 +15,6 @@ recorded on the device and checked at the next log or save, and a diverged model
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import time
 import warnings
@@ -25,14 +24,12 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 
 from simclr_tau.errors import UserError
+from simclr_tau.records.writer import RunRecord
 from simclr_tau.temperature import Temperature
-from simclr_tau.tracking import RunRecord
 from simclr_tau.train.checkpoint import (
     atomic_save,
     checkpoint_path,
-    latest_valid_checkpoint,
     list_checkpoints,
-    load_checkpoint,
     prune,
 )
 from simclr_tau.train.optim import lr_at, scaled_lr, set_lr
@@ -61,115 +58,6 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
-    """``--resume``: 'auto' (newest valid checkpoint of ``run_dir``, or None), a run directory or a file."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        return latest_valid_checkpoint(run_dir / "checkpoints")  # None: fresh start
-    p = Path(resume)
-    if p.is_dir():
-        found = latest_valid_checkpoint(p / "checkpoints" if (p / "checkpoints").is_dir() else p)
-        if found is None:
-            raise UserError(f"--resume {p}: no valid checkpoint in it")
-        return found
-    if not p.is_file():
-        raise UserError(f"--resume {p}: no such checkpoint file or run directory")
-    return p
-
-
-def open_run(run_dir: Path, run_name: str, resume: Optional[str], accelerator: Any) -> Optional[Path]:
-    """Resolve ``--resume`` and refuse to write a fresh run over an old one. Returns the checkpoint or None."""
-    ckpt = resolve_resume(resume, run_dir)
-    if ckpt is None and (run_dir / "metrics.jsonl").exists():
-        if resume != "auto":
-            raise UserError(f"run directory {run_dir} already holds a run; resume it with --resume auto "
-                            "or choose another train.run_name")
-        if accelerator.is_main_process:  # killed before its first checkpoint: redo it from step 0
-            print(f"no valid checkpoint in {run_dir / 'checkpoints'}: restarting {run_name} from step 0", flush=True)
-    # every process has looked at the run directory before the main one writes to it (else a slower
-    # process would find the new metrics.jsonl and take this fresh run for an old one)
-    accelerator.wait_for_everyone()
-    return ckpt
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after ``step`` (they belong to the interrupted attempt being redone), and a
-    half-written last line."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def last_metric(run_dir: Path, key: str) -> Optional[float]:
-    value = None
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if key in row:
-                value = row[key]
-    return value
-
-
-def load_training_state(core: torch.nn.Module, optimizer: Any, state: Any, ckpt: Path,
-                        not_saved: Sequence[str] = ()) -> None:
-    """Load a checkpoint's model and optimizer state; a checkpoint of another model is a UserError listing
-    the mismatched keys (strict loading would raise a RuntimeError traceback). Keys starting with a
-    prefix in ``not_saved`` (a frozen teacher) are not expected in the checkpoint."""
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "optimizer" not in state \
-            or "step" not in state:
-        raise UserError(f"--resume {ckpt}: not a training checkpoint (needs 'model', 'optimizer' and 'step'); "
-                        "pass a run directory or a checkpoints/step_*.pt file")
-    own = {k: v for k, v in core.state_dict().items() if not k.startswith(tuple(not_saved))}
-    theirs = state["model"]
-    missing = sorted(set(own) - set(theirs))
-    unexpected = sorted(set(theirs) - set(own))
-    shape = sorted(k for k in set(own) & set(theirs) if isinstance(own[k], torch.Tensor)
-                   and (not isinstance(theirs[k], torch.Tensor) or own[k].shape != theirs[k].shape))
-    if missing or unexpected or shape:
-        parts = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shape))
-                 if keys]
-        raise UserError(f"--resume {ckpt} does not match this model ({'; '.join(parts)}): resume with the "
-                        "config the checkpoint was trained with")
-    core.load_state_dict(theirs, strict=not not_saved)
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError) as e:  # torch: "loaded state dict contains a parameter group that doesn't match"
-        raise UserError(f"--resume {ckpt}: its optimizer state does not match this config's optimizer "
-                        f"({str(e).splitlines()[0][:150]}): resume with the config the checkpoint was trained "
-                        "with") from None
-
-
-def restore(core: torch.nn.Module, optimizer: Any, ckpt: Optional[Path], accelerator: Any,
-            not_saved: Sequence[str] = ()) -> Tuple[int, Optional[str]]:
-    """Load ``ckpt`` (if any) into the model and optimizer. Returns (start step, W&B run id)."""
-    if ckpt is None:
-        return 0, None
-    state = load_checkpoint(ckpt)
-    load_training_state(core, optimizer, state, ckpt, not_saved)
-    if accelerator.is_main_process:
-        print(f"resumed from {ckpt} at step {int(state['step'])}", flush=True)
-    return int(state["step"]), state.get("wandb_id") or None
-
-
-def write_run_files(run_dir: Path, files: Dict[str, str], resume: Optional[str], start_step: int) -> None:
-    """Create the run directory with ``files`` (name -> text); on resume, cut metrics.jsonl at ``start_step``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (run_dir / name).write_text(text)
-    if resume is not None:
-        truncate_metrics(run_dir / "metrics.jsonl", start_step)
-
-
 def stop_nonfinite(record: RunRecord, step: int, ckpt_dir: Path, what: str = "non-finite loss at") -> None:
     """Stop a diverged run; ``step`` is numbered as in metrics.jsonl (optimizer steps done)."""
     record.update_summary({"error": f"{what} step {step}"})
@@ -187,23 +75,6 @@ def any_process(accelerator: Any, flag: bool) -> bool:
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
-def speed_up(method: torch.nn.Module, tc: Any) -> torch.nn.Module:
-    """Apply the speed options of ``train`` to a freshly built (not yet prepared) method, in place.
-
-    ``channels_last``: parameters and buffers in NHWC (the step converts the images to match), which lets
-    oneDNN (CPU) and cuDNN (tensor cores) pick their fast convolution kernels; the arithmetic is the same.
-    ``compile``: ``nn.Module.compile()`` on every timm backbone inside the method (encoder, key encoder,
-    student, teacher): the module keeps its state-dict keys, so checkpoints and exports are unchanged.
-    """
-    if tc.channels_last:
-        method.to(memory_format=torch.channels_last)
-    if tc.compile:
-        backbones = [m for m in method.modules() if hasattr(m, "forward_features")]  # timm models
-        for m in backbones:
-            m.compile()
-    return method
-
-
 def to_device(batch: Any, device: torch.device, channels_last: bool) -> List[torch.Tensor]:
     """Move a micro-batch to ``device``; 4-d image tensors in channels-last layout when asked."""
     out = []
@@ -211,26 +82,6 @@ def to_device(batch: Any, device: torch.device, channels_last: bool) -> List[tor
         t = t.to(device, non_blocking=True)
         out.append(t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t)
     return out
-
-
-def online_knn_fn(cfg: Any, accelerator: Any, encoder: torch.nn.Module, image_size: int, channels: int,
-                  mean: List[float], std: List[float]) -> Callable[[], Dict[str, float]]:
-    """A function returning the current encoder's kNN top-1/top-5 (memory bank: a train subset)."""
-    cache: Dict[str, Any] = {}
-
-    def evaluate() -> Dict[str, float]:
-        from simclr_tau.data.augment import eval_transform
-        from simclr_tau.data.datasets import build_eval_datasets
-        from simclr_tau.evaluation.knn import online_knn
-
-        if not cache:
-            cache["train"], cache["test"] = build_eval_datasets(cfg.data)
-            cache["tf"] = eval_transform(image_size, channels, mean, std)
-        return online_knn(encoder, cache["train"], cache["test"], cache["tf"], list(cfg.eval.knn_k),
-                          list(cfg.eval.knn_t), cfg.eval.online_knn_subset, accelerator, cfg.eval.batch_size,
-                          cfg.train.seed)
-
-    return evaluate
 
 
 class Trainer:

@@ -9,51 +9,32 @@ Launch::
 ``train.batch_size`` is the global batch (all processes, all accumulation steps); each process sees
 ``batch_size / (processes x grad_accum)`` pairs per micro-step, and NT-Xent contrasts every anchor with
 the whole global micro-batch (gathered with gradient), so W processes train exactly like one with the
-same global batch. The step itself lives in :mod:`simclr_tau.train.loop`.
+same global batch. The step itself lives in :mod:`simclr_tau.train.loop`, the run directory, resume and
+the Accelerator in :mod:`simclr_tau.train.session` (shared with :mod:`simclr_tau.train.distill`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 
 from simclr_tau.config import to_yaml
 from simclr_tau.data.datasets import build_pretrain_dataset, normalization
 from simclr_tau.data.pipeline import EpochSampler
 from simclr_tau.methods import build_method
 from simclr_tau.models.export import save_encoder
-from simclr_tau.tracking import RunRecord, run_tags
+from simclr_tau.records.writer import RunRecord, run_tags
 from simclr_tau.train.loaders import build_loader, global_micro_batch
-from simclr_tau.train.loop import Trainer, last_metric, online_knn_fn, open_run, restore, speed_up, write_run_files
-from simclr_tau.train.optim import build_optimizer, scaled_lr
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    step: int
-    stopped_early: bool = False
+from simclr_tau.train.loop import Trainer
+from simclr_tau.train.session import (RunResult, last_metric, online_knn_fn, open_run, prepare_method, restore,
+                                      start_accelerator, write_run_files)
 
 
 def default_run_name(cfg: Any) -> str:
     t = run_tags(cfg)
     return f"{t['method']}-{t['tau_mode']}-{t['dataset']}-{t['backbone']}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def start_accelerator(tc: Any) -> Any:
-    """An Accelerator (CPU when no GPU), seeded so every process builds the same initial weights."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=tc.mixed_precision)
-    set_seed(tc.seed)
-    if tc.deterministic:
-        torch.use_deterministic_algorithms(True)
-    return accelerator
 
 
 def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
@@ -81,12 +62,7 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
 
     # ---- model, optimizer --------------------------------------------------------------------
     method = build_method(cfg, dataset.channels, steps_per_epoch, total_steps)
-    speed_up(method, tc)
-    if cfg.model.sync_bn and world > 1:
-        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    optimizer = build_optimizer(cfg.optim, method, cfg.temperature.lr_scale, scaled_lr(cfg.optim, tc.batch_size))
-    method, optimizer = accelerator.prepare(method, optimizer)
-    core = accelerator.unwrap_model(method)
+    method, optimizer, core = prepare_method(method, cfg, accelerator)
 
     # ---- run directory, resume ---------------------------------------------------------------
     run_name = tc.run_name or default_run_name(cfg)

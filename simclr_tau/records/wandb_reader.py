@@ -1,4 +1,4 @@
-"""Read runs of a W&B project through the public API into :class:`simclr_tau.compare.RunData`.
+"""Read runs of a W&B project through the public API into :class:`simclr_tau.records.run_data.RunData`.
 
 ``--filter KEY=VALUE`` becomes a W&B (MongoDB-style) filter: a config key (``temperature.mode=fixed`` ->
 ``{"config.temperature.mode": "fixed"}``; our runs log their config nested, which W&B can filter on),
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence
 
-from simclr_tau.compare import RunData, final_metrics, is_metric
+from simclr_tau.records.run_data import RunData, final_metrics, is_metric
 from simclr_tau.config import flatten
 from simclr_tau.errors import UserError
 

@@ -1,24 +1,14 @@
-"""Typed configuration: the dataclasses below document every knob and its default.
+"""The config schema: dataclasses whose fields and comments document every knob and its default.
 
-A run's config is built as ``defaults <- YAML file <- command-line overrides (a.b=value)`` with
-OmegaConf structured configs (the library Hydra uses): an unknown key or a value of the wrong type is
-rejected with the key's full name and the file it came from. :func:`validate` then checks value ranges
-and choices that a type cannot express, again naming the field and the accepted values.
-
-Data flow: ``load_config(path, overrides)`` -> :class:`Config` -> ``pretrain.run(cfg)`` writes
-``<train.output_dir>/<run name>/config.yaml`` (the resolved config) next to metrics and checkpoints.
+:class:`Config` is pretraining's (``simclr-tau pretrain``), :class:`DistillConfig` distillation's
+(``simclr-tau distill``); both share the section dataclasses. Checks a type cannot express live in
+:mod:`simclr_tau.config.validate`, loading and overrides in :mod:`simclr_tau.config.load`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
-
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from simclr_tau.errors import UserError
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -189,151 +179,36 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
-def _omegaconf_error(e: OmegaConfBaseException, source: str) -> UserError:
-    key = getattr(e, "full_key", None) or "?"
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return UserError(f"config {source}: key '{key}': {msg}")
+# ---- distillation (simclr-tau distill) -------------------------------------------------------------
+
+@dataclass
+class TeacherConfig:
+    path: str = ""  # run directory | encoder.safetensors | pretraining checkpoint (checkpoints/step_*.pt)
+    model: Optional[Dict[str, Any]] = None  # architecture (ModelConfig fields) of a checkpoint; None: the run's config.yaml
+    probe: Optional[str] = None  # kd: a saved teacher probe (teacher_probe.safetensors); None: train one here
+    probe_iters: int = 100  # kd: L-BFGS iterations of the teacher's probe
 
 
-def merge_into(schema: Any, source: str, data: Any) -> Any:
-    """Merge ``data`` (dict/DictConfig) into the structured ``schema``; errors name the key and source."""
-    try:
-        return OmegaConf.merge(schema, data)
-    except OmegaConfBaseException as e:
-        raise _omegaconf_error(e, source) from None
+@dataclass
+class DistillObjectiveConfig:
+    queue_size: int = 4096  # seed: teacher embeddings in the queue (SEED: 65536 on ImageNet)
+    alpha: float = 0.5  # kd: weight of the label cross-entropy; 1 - alpha on T²·KL
+    ctkd: bool = False  # kd: curriculum temperature (CTKD): learnable T behind a gradient-reversal layer
+    grl_lambda_min: float = 0.0  # ctkd: λ at step 0
+    grl_lambda_max: float = 1.0  # ctkd: λ at the end of the ramp
+    grl_ramp_epochs: Optional[float] = None  # ctkd: cosine ramp length; None = the whole run (CTKD: 10 epochs)
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), schema: type = Config) -> Any:
-    """Build a validated config from defaults, an optional YAML file and ``a.b=value`` overrides.
-
-    Returns an OmegaConf DictConfig typed by ``schema`` (attribute access, e.g. ``cfg.train.epochs``).
-    Raises :class:`UserError` for a missing file, invalid YAML, an unknown key or a wrong type.
-    """
-    cfg = OmegaConf.structured(schema)
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file not found: {p}")
-        try:
-            file_cfg = OmegaConf.load(p)  # yaml.SafeLoader underneath: no arbitrary objects
-        except Exception as e:  # yaml.YAMLError and friends
-            raise UserError(f"config {p}: invalid YAML: {str(e).splitlines()[0]}") from None
-        cfg = merge_into(cfg, str(p), file_cfg)
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"override '{item}' is not of the form key=value (e.g. train.epochs=5)")
-        try:
-            dot = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as e:
-            raise _omegaconf_error(e, f"override '{item}'") from None
-        cfg = merge_into(cfg, f"override '{item}'", dot)
-    if schema is Config:
-        validate(cfg)
-    return cfg
-
-
-def _choice(value: Any, field_name: str, accepted: Sequence[str]) -> None:
-    if value not in accepted:
-        raise UserError(f"{field_name}={value!r} is not valid; accepted: {', '.join(accepted)}")
-
-
-def _positive(value: Optional[float], field_name: str) -> None:
-    if value is not None and not value > 0:
-        raise UserError(f"{field_name}={value!r} must be > 0")
-
-
-TEMPERATURE_MODES = ("fixed", "learnable", "conditional", "scheduled")
-PARAMETRIZATIONS = ("log", "softplus", "relu")
-SCHEDULE_KINDS = ("constant", "linear", "cosine", "exponential", "step", "plateau")
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic", "mixture")
-METHODS = ("simclr", "mocov2", "mocov3")
-
-
-def validate_schedule(s: Any, prefix: str) -> None:
-    """Check a :class:`ScheduleConfig`; raises :class:`UserError` naming ``prefix.field``."""
-    _choice(s.kind, f"{prefix}.kind", SCHEDULE_KINDS)
-    for name in ("start", "end", "gamma", "every_epochs"):
-        _positive(getattr(s, name), f"{prefix}.{name}")
-    _positive(s.period_epochs, f"{prefix}.period_epochs")
-    _positive(s.warmup_start, f"{prefix}.warmup_start")
-    if s.warmup_epochs < 0:
-        raise UserError(f"{prefix}.warmup_epochs={s.warmup_epochs} must be >= 0")
-    if s.kind in ("exponential", "step", "plateau") and not s.gamma < 1:
-        raise UserError(f"{prefix}.gamma={s.gamma} must be in (0, 1) for a decaying '{s.kind}' schedule")
-    if s.kind == "cosine" and not s.end < s.start:
-        raise UserError(f"{prefix}: cosine needs end (τ_min={s.end}) < start (τ_max={s.start})")
-    _choice(s.monitor_mode, f"{prefix}.monitor_mode", ("max", "min"))
-
-
-def validate_temperature(t: Any, prefix: str = "temperature") -> None:
-    """Check a :class:`TemperatureConfig`; raises :class:`UserError` naming the field."""
-    _choice(t.mode, f"{prefix}.mode", TEMPERATURE_MODES)
-    _choice(t.parametrization, f"{prefix}.parametrization", PARAMETRIZATIONS)
-    _positive(t.init, f"{prefix}.init")
-    _positive(t.eps, f"{prefix}.eps")
-    _positive(t.tau_min, f"{prefix}.tau_min")
-    _positive(t.tau_max, f"{prefix}.tau_max")
-    _positive(t.lr_scale, f"{prefix}.lr_scale")
-    if t.tau_min is not None and t.tau_max is not None and not t.tau_min < t.tau_max:
-        raise UserError(f"{prefix}.tau_min={t.tau_min} must be < {prefix}.tau_max={t.tau_max}")
-    if t.mode == "learnable":
-        if t.parametrization in ("softplus", "relu") and t.init <= t.eps:
-            raise UserError(f"{prefix}.init={t.init} must be > {prefix}.eps={t.eps} for '{t.parametrization}'")
-        if (t.tau_min is not None and t.init < t.tau_min) or (t.tau_max is not None and t.init > t.tau_max):
-            raise UserError(f"{prefix}.init={t.init} lies outside [tau_min, tau_max]=[{t.tau_min}, {t.tau_max}]")
-    if t.mode == "conditional":
-        if t.hidden_dim < 1 or t.depth < 1:
-            raise UserError(f"{prefix}.hidden_dim and {prefix}.depth must be >= 1")
-        lo = t.tau_min if t.tau_min is not None else 0.05  # ConditionalTemperature's default bounds
-        hi = t.tau_max if t.tau_max is not None else 1.0
-        if not lo < t.init < hi:
-            raise UserError(f"{prefix}.init={t.init} must lie strictly inside (tau_min, tau_max)=({lo}, {hi}) for a conditional temperature")
-    if t.mode == "scheduled":
-        validate_schedule(t.schedule, f"{prefix}.schedule")
-
-
-def validate(cfg: Any) -> None:
-    """Range and choice checks a type cannot express. Raises :class:`UserError`."""
-    validate_temperature(cfg.temperature)
-    _choice(cfg.data.name, "data.name", DATASETS)
-    _choice(cfg.data.channels, "data.channels", ("native", "rgb"))
-    _choice(cfg.data.pipeline, "data.pipeline", ("auto", "batched", "dataloader"))
-    if (cfg.data.name == "mixture") != bool(cfg.data.sources):
-        raise UserError("data.name=mixture needs data.sources (a list of data.* overrides with a score each), "
-                        "and data.sources needs data.name=mixture")
-    _choice(cfg.train.method, "train.method", METHODS)
-    _choice(cfg.train.mixed_precision, "train.mixed_precision", ("no", "bf16", "fp16"))
-    _choice(cfg.optim.name, "optim.name", ("sgd", "adamw", "lars"))
-    _choice(cfg.optim.lr_scaling, "optim.lr_scaling", ("linear", "sqrt", "none"))
-    _choice(cfg.wandb.mode, "wandb.mode", ("auto", "online", "offline", "disabled"))
-    for name in ("epochs", "batch_size", "grad_accum", "log_every", "save_every_epochs", "keep_last"):
-        if getattr(cfg.train, name) < 1:
-            raise UserError(f"train.{name}={getattr(cfg.train, name)} must be >= 1")
-    if cfg.train.batch_size % cfg.train.grad_accum:
-        raise UserError(f"train.batch_size={cfg.train.batch_size} must be divisible by train.grad_accum={cfg.train.grad_accum}")
-    _positive(cfg.optim.lr, "optim.lr")
-    if cfg.moco.queue_size <= 0:
-        raise UserError(f"moco.queue_size={cfg.moco.queue_size} must be > 0")
-    if not 0.0 <= cfg.moco.momentum <= 1.0:
-        raise UserError(f"moco.momentum={cfg.moco.momentum} must lie in [0, 1]")
-    if len(cfg.eval.knn_k) != len(cfg.eval.knn_t):
-        raise UserError("eval.knn_k and eval.knn_t must have the same length (one T per k)")
-
-
-def to_yaml(cfg: Any) -> str:
-    return OmegaConf.to_yaml(cfg)
-
-
-def flatten(cfg: Any) -> dict:
-    """Flatten a config to ``{"a.b": value}`` (for W&B and for comparing runs)."""
-    out: dict = {}
-
-    def rec(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                rec(v, f"{prefix}{k}.")
-        else:
-            out[prefix[:-1]] = node
-
-    rec(OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg, "")
-    return out
+@dataclass
+class DistillConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillObjectiveConfig = field(default_factory=DistillObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the student; seed: proj_* size its projection to the teacher's width
+    temperature: TemperatureConfig = field(default_factory=lambda: TemperatureConfig(init=0.2))  # seed: τ_s | kd: T
+    teacher_temperature: TemperatureConfig = field(default_factory=lambda: TemperatureConfig(init=0.01))  # seed: τ_t (SEED: 0.01)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(method="seed"))  # method: seed | kd
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-if TYPE_CHECKING:
-    from simclr_tau.compare import RunData
+from simclr_tau.records.run_data import RunData, knn_keys, knn_label, knn_order
 
 
 def _plt():
@@ -25,7 +24,7 @@ def _plt():
     return plt
 
 
-def run_colors(runs: Sequence["RunData"]) -> Dict[str, Any]:
+def run_colors(runs: Sequence[RunData]) -> Dict[str, Any]:
     plt = _plt()
     cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
     return {r.name: cmap(i % cmap.N) for i, r in enumerate(runs)}
@@ -54,7 +53,7 @@ def _save(fig: Any, path: Path) -> Path:
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
-def line_styles(runs: Sequence["RunData"]) -> Dict[str, Dict[str, Any]]:
+def line_styles(runs: Sequence[RunData]) -> Dict[str, Dict[str, Any]]:
     """Per run: its colour, a marker, and a line that gets thinner run by run, so that runs with identical
     curves (ties are common in kNN accuracy) still show every colour: the later, thinner line on top."""
     colors, n = run_colors(runs), max(len(runs) - 1, 1)
@@ -69,7 +68,7 @@ def _plot(ax: Any, style: Dict[str, Any], xs: Sequence[float], ys: Sequence[floa
     return ax.plot(xs, ys, **kw)[0]
 
 
-def plot_lines(runs: Sequence["RunData"], key: str, path: Path, x: str = "step", ylabel: Optional[str] = None,
+def plot_lines(runs: Sequence[RunData], key: str, path: Path, x: str = "step", ylabel: Optional[str] = None,
                title: Optional[str] = None) -> Optional[Path]:
     """One line per run of ``key`` against ``x``; None if no run logged it."""
     data = [(r, *r.series(key, x)) for r in runs]
@@ -95,7 +94,7 @@ def tau_axis_scale(values: Sequence[float]) -> str:
     return "log" if pos and max(pos) / min(pos) > 10 else "linear"
 
 
-def plot_tau(runs: Sequence["RunData"], path: Path) -> Optional[Path]:
+def plot_tau(runs: Sequence[RunData], path: Path) -> Optional[Path]:
     """Scalar τ as a line; per-sample τ as its batch mean with a min–max band."""
     plt, styles = _plt(), line_styles(runs)
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -130,10 +129,8 @@ def plot_tau(runs: Sequence["RunData"], path: Path) -> Optional[Path]:
     return _save(fig, path)
 
 
-def plot_knn_curves(runs: Sequence["RunData"], keys: Sequence[str], path: Path) -> Optional[Path]:
+def plot_knn_curves(runs: Sequence[RunData], keys: Sequence[str], path: Path) -> Optional[Path]:
     """Online kNN top-1 vs epoch: one panel per (k, T), every run in each panel."""
-    from simclr_tau.compare import knn_label
-
     keys = [k for k in keys if any(r.series(k, "epoch")[0] for r in runs)][:4]
     if not keys:
         return None
@@ -168,13 +165,13 @@ def value_limits(values: Sequence[float], pad: float = 0.12) -> Tuple[float, flo
     return lo - pad * span, hi + pad * span
 
 
-def plot_final_metrics(runs: Sequence["RunData"], keys: Sequence[Tuple[str, str]], path: Path) -> Optional[Path]:
+def plot_final_metrics(runs: Sequence[RunData], keys: Sequence[Tuple[str, str]], path: Path) -> Optional[Path]:
     """One panel per (key, label): a dot per run on a value axis fitted to the values, value written beside it.
 
     A dot plot rather than bars: bars must start at 0, which hides the sub-point differences between runs.
     Runs read top to bottom in the legend's order; runs without a finite value are left out of that panel.
     """
-    def finite(r: "RunData", key: str) -> bool:
+    def finite(r: RunData, key: str) -> bool:
         v = r.final.get(key)
         return isinstance(v, (int, float)) and math.isfinite(v)
 
@@ -208,10 +205,8 @@ def _slug(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("_")
 
 
-def plot_all(runs: Sequence["RunData"], out: Path, extra: Sequence[str] = ()) -> Tuple[List[tuple], List[str]]:
+def plot_all(runs: Sequence[RunData], out: Path, extra: Sequence[str] = ()) -> Tuple[List[tuple], List[str]]:
     """Every comparison figure into ``out``: [(title, path)], [notes about what was skipped]."""
-    from simclr_tau.compare import knn_keys, knn_label, knn_order
-
     images: List[tuple] = []
     notes: List[str] = []
 

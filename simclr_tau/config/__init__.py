@@ -1,0 +1,28 @@
+"""Typed configuration: the dataclasses of :mod:`~simclr_tau.config.schema` document every knob and its default.
+
+A run's config is built as ``defaults <- YAML file <- command-line overrides (a.b=value)`` with
+OmegaConf structured configs (the library Hydra uses): an unknown key or a value of the wrong type is
+rejected with the key's full name and the file it came from. :func:`validate` then checks value ranges
+and choices that a type cannot express, again naming the field and the accepted values.
+
+Data flow: ``load_config(path, overrides)`` -> :class:`Config` -> ``train.pretrain.run(cfg)`` writes
+``<train.output_dir>/<run name>/config.yaml`` (the resolved config) next to metrics and checkpoints.
+
+Modules: :mod:`~simclr_tau.config.schema` (the dataclasses), :mod:`~simclr_tau.config.validate` (ranges and
+choices), :mod:`~simclr_tau.config.load` (file + overrides -> validated config, YAML, flattening).
+"""
+
+from simclr_tau.config.load import flatten, load_config, load_distill_config, merge_into, to_yaml
+from simclr_tau.config.schema import (AugmentConfig, Config, DataConfig, DistillConfig, DistillObjectiveConfig, EvalConfig,
+                                      MixtureConfig, MocoConfig, ModelConfig, OptimConfig, ScheduleConfig, TeacherConfig,
+                                      TemperatureConfig, TrainConfig, WandbConfig)
+from simclr_tau.config.validate import (DATASETS, METHODS, PARAMETRIZATIONS, SCHEDULE_KINDS, TEMPERATURE_MODES, validate,
+                                        validate_distill, validate_schedule, validate_temperature)
+
+__all__ = [
+    "AugmentConfig", "Config", "DataConfig", "DistillConfig", "DistillObjectiveConfig", "EvalConfig", "MixtureConfig",
+    "MocoConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TeacherConfig", "TemperatureConfig", "TrainConfig",
+    "WandbConfig", "DATASETS", "METHODS", "PARAMETRIZATIONS", "SCHEDULE_KINDS", "TEMPERATURE_MODES", "flatten",
+    "load_config", "load_distill_config", "merge_into", "to_yaml", "validate", "validate_distill", "validate_schedule",
+    "validate_temperature",
+]

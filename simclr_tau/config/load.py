@@ -1,0 +1,82 @@
+"""Building a config: ``defaults <- YAML file <- a.b=value overrides`` (OmegaConf structured configs), then
+:func:`~simclr_tau.config.validate.validate`; and its YAML / flattened forms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from simclr_tau.config.schema import Config, DistillConfig
+from simclr_tau.config.validate import validate, validate_distill
+from simclr_tau.errors import UserError
+
+
+def _omegaconf_error(e: OmegaConfBaseException, source: str) -> UserError:
+    key = getattr(e, "full_key", None) or "?"
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return UserError(f"config {source}: key '{key}': {msg}")
+
+
+def merge_into(schema: Any, source: str, data: Any) -> Any:
+    """Merge ``data`` (dict/DictConfig) into the structured ``schema``; errors name the key and source."""
+    try:
+        return OmegaConf.merge(schema, data)
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(e, source) from None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), schema: type = Config) -> Any:
+    """Build a validated config from defaults, an optional YAML file and ``a.b=value`` overrides.
+
+    Returns an OmegaConf DictConfig typed by ``schema`` (attribute access, e.g. ``cfg.train.epochs``).
+    Raises :class:`UserError` for a missing file, invalid YAML, an unknown key or a wrong type.
+    """
+    cfg = OmegaConf.structured(schema)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            file_cfg = OmegaConf.load(p)  # yaml.SafeLoader underneath: no arbitrary objects
+        except Exception as e:  # yaml.YAMLError and friends
+            raise UserError(f"config {p}: invalid YAML: {str(e).splitlines()[0]}") from None
+        cfg = merge_into(cfg, str(p), file_cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not of the form key=value (e.g. train.epochs=5)")
+        try:
+            dot = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as e:
+            raise _omegaconf_error(e, f"override '{item}'") from None
+        cfg = merge_into(cfg, f"override '{item}'", dot)
+    if schema is Config:
+        validate(cfg)
+    return cfg
+
+
+def load_distill_config(path: Optional[str], overrides: List[str] = ()) -> Any:  # type: ignore[assignment]
+    cfg = load_config(path, list(overrides), schema=DistillConfig)
+    validate_distill(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def flatten(cfg: Any) -> dict:
+    """Flatten a config to ``{"a.b": value}`` (for W&B and for comparing runs)."""
+    out: dict = {}
+
+    def rec(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                rec(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    rec(OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg, "")
+    return out

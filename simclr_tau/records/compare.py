@@ -1,0 +1,120 @@
+"""``simclr-tau compare``: which τ works, side by side.
+
+    simclr-tau compare RUN_DIR ... [--out DIR] [--metric KEY ...]
+    simclr-tau compare --wandb ENTITY/PROJECT [--filter KEY=VALUE ...] [--out DIR] [--metric KEY ...]
+
+Local runs are read from the project's own record (``config.yaml`` / ``metrics.jsonl`` / ``summary.json``;
+wandb's offline files cannot be read from Python); W&B runs through the public API
+(:mod:`simclr_tau.records.wandb_reader`). Both become :class:`RunData`, and then the same output:
+
+1. a table of final metrics, one row per run (printed, ``final_metrics.csv``);
+2. the flattened config keys whose values differ between the runs, one column per run (``config_diff.csv``);
+3. PNGs (:mod:`simclr_tau.records.plots`): kNN top-1 vs epoch (online kNN rows), loss vs step, τ vs step,
+   bars of the final kNN / linear / ECE (+ ``--metric`` keys);
+4. ``report.html``: the tables and the PNGs (embedded as data URIs) in one self-contained file.
+
+This module only orchestrates: the vocabulary is :mod:`~simclr_tau.records.run_data`, the tables
+:mod:`~simclr_tau.records.tables`, the figures :mod:`~simclr_tau.records.plots`, the files
+:mod:`~simclr_tau.records.report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from simclr_tau.errors import UserError, exit_on_user_error
+from simclr_tau.records.plots import plot_all
+from simclr_tau.records.report import write_csv, write_html
+from simclr_tau.records.run_data import RunData, expand_run_dirs, load_run_dir
+from simclr_tau.records.tables import TABLE_NOTE, check_comparable, config_diff, diff_rows, metric_table, render_text, unique_names
+
+
+@dataclass
+class Comparison:
+    runs: List[RunData]
+    headers: List[str]
+    raw: List[List[Any]]
+    text: List[List[str]]
+    diff: Dict[str, List[Any]]
+    images: List[tuple]
+    notes: List[str]
+    html: Optional[Path]
+
+
+def compare(runs: List[RunData], out: Optional[Path] = None, extra: Sequence[str] = (), plots: bool = True,
+            echo: bool = True) -> Comparison:
+    """Tables, plots and the HTML report for ``runs`` (see the module docstring)."""
+    if not runs:
+        raise UserError("nothing to compare: give run directories or --wandb ENTITY/PROJECT")
+    unique_names(runs)
+    check_comparable(runs)
+    for k in extra:
+        if not any(k in r.final or r.series(k)[0] for r in runs):
+            known = sorted({m for r in runs for m in r.final})
+            raise UserError(f"--metric {k}: no run has it; known metrics: {', '.join(known[:20])}")
+    headers, raw, text = metric_table(runs, extra)
+    diff = config_diff(runs)
+    diff_table = diff_rows(runs, diff)
+    images: List[tuple] = []
+    notes: List[str] = []
+    html_path = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv(out / "final_metrics.csv", headers, raw)
+        write_csv(out / "config_diff.csv", *diff_rows(runs, diff))
+        if plots:
+            images, notes = plot_all(runs, out, extra)
+        html_path = write_html(out / "report.html", runs, (headers, text), diff_table, images, notes)
+    if echo:
+        print("final metrics")
+        print(render_text(headers, text))
+        print(f"({TABLE_NOTE})\n")
+        if diff:
+            print("config differences")
+            print(render_text(*diff_table))
+        else:
+            print("config differences: none (apart from run names)")
+        for n in notes:
+            print(f"note: {n}")
+        if out is not None:
+            print(f"\nwrote {', '.join(str(p) for _, p in images)}" if images else "")
+            print(f"wrote {html_path}", flush=True)
+    return Comparison(runs, headers, raw, text, diff, images, notes, html_path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="simclr-tau compare",
+                                description="Compare runs: final metrics, config differences, plots, an HTML report.")
+    p.add_argument("runs", nargs="*", help="run directories (a directory holding runs, e.g. runs/, means all of them)")
+    p.add_argument("--out", default="compare", help="output directory for PNGs, CSVs and report.html (default: ./compare)")
+    p.add_argument("--metric", action="append", default=[], metavar="KEY",
+                   help="also tabulate and plot this metric, e.g. diag/alignment (repeatable)")
+    p.add_argument("--wandb", default=None, metavar="ENTITY/PROJECT", help="compare the runs of a W&B project (public API)")
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --wandb: keep runs whose config KEY (e.g. temperature.mode), tags, group, state ... "
+                        "equals VALUE (repeatable, all must hold)")
+    p.add_argument("--no-plots", action="store_true", help="tables and HTML only")
+    return p
+
+
+@exit_on_user_error
+def main(argv: Optional[List[str]] = None) -> Comparison:
+    args = build_parser().parse_args(argv)
+    if args.filter and not args.wandb:
+        raise UserError("--filter applies to --wandb ENTITY/PROJECT runs; local runs are chosen by their directories")
+    if not args.runs and not args.wandb:
+        raise UserError("nothing to compare: give run directories or --wandb ENTITY/PROJECT")
+    runs = [load_run_dir(p) for p in expand_run_dirs(args.runs)]
+    if args.wandb:
+        from simclr_tau.records.wandb_reader import load_wandb_runs
+
+        runs += load_wandb_runs(args.wandb, args.filter, args.metric)
+    return compare(runs, Path(args.out), args.metric, plots=not args.no_plots)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

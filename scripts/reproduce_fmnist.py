@@ -12,6 +12,10 @@ Runs (one backbone, budget and seed set per preset; the preset's two configs hol
     simclr-learnable-{log,softplus,relu}   learnable scalar τ, init 0.2, each parametrization
     simclr-conditional              per-sample τ from an MLP on the (detached) projection, init 0.2, in [0.05, 1]
     simclr-cosine                   scheduled τ: cosine from 0.5 down to 0.1 over the run
+    simclr-dro-{global,per-sample,per-sample-sogclr}   τ by the robust (iSogCLR) objective, init 0.2 in [0.05, 0.7]
+    simclr-conditional-dro          TempNet-style τ head trained by the robust objective
+    simclr-adaptive                 MACL's alignment-following τ, τ_0 = 0.2
+    simclr-dcl-fixed-0.2            decoupled NT-Xent (DCL), fixed τ 0.2
     mocov2-fixed-0.2, mocov2-learnable-log
 
 Every run is pretrained with ``python -m simclr_tau pretrain`` and evaluated with ``simclr-tau knn`` (FAISS,
@@ -60,6 +64,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 LEARNABLE = ["temperature.mode=learnable", "temperature.init=0.2"]
+DRO = ["temperature.mode=dro", "temperature.init=0.2"]
 RUNS: Dict[str, Dict[str, Any]] = {
     "simclr-fixed-0.07": {"method": "simclr", "overrides": ["temperature.mode=fixed", "temperature.init=0.07"]},
     "simclr-fixed-0.2": {"method": "simclr", "overrides": ["temperature.mode=fixed", "temperature.init=0.2"]},
@@ -71,6 +76,18 @@ RUNS: Dict[str, Dict[str, Any]] = {
                                                              "temperature.tau_min=0.05", "temperature.tau_max=1.0"]},
     "simclr-cosine": {"method": "simclr", "overrides": ["temperature.mode=scheduled", "temperature.schedule.kind=cosine",
                                                         "temperature.schedule.start=0.5", "temperature.schedule.end=0.1"]},
+    # τ by the robust objective (issue 16): init 0.2 like the other learned modes, so that the encoder loss
+    # scale 1/τ_0 matches NT-Xent's at fixed 0.2 and the preset's learning rate carries over
+    "simclr-dro-global": {"method": "simclr", "overrides": DRO},
+    "simclr-dro-per-sample": {"method": "simclr", "overrides": DRO + ["temperature.dro.per_sample=true"]},
+    "simclr-dro-per-sample-sogclr": {"method": "simclr", "overrides": DRO + ["temperature.dro.per_sample=true",
+                                                                               "temperature.dro.estimator=sogclr"]},
+    "simclr-conditional-dro": {"method": "simclr", "overrides": ["temperature.mode=conditional", "temperature.objective=dro",
+                                                                 "temperature.init=0.2", "temperature.tau_min=0.05",
+                                                                 "temperature.tau_max=1.0"]},
+    "simclr-adaptive": {"method": "simclr", "overrides": ["temperature.mode=adaptive", "temperature.init=0.2"]},
+    "simclr-dcl-fixed-0.2": {"method": "simclr", "overrides": ["temperature.mode=fixed", "temperature.init=0.2",
+                                                               "loss.decoupled=true"]},
     "mocov2-fixed-0.2": {"method": "mocov2", "overrides": ["temperature.mode=fixed", "temperature.init=0.2"]},
     "mocov2-learnable-log": {"method": "mocov2", "overrides": LEARNABLE + ["temperature.parametrization=log"]},
 }

@@ -352,7 +352,7 @@ def test_two_processes_give_the_same_per_step_losses_as_one(tmp_path, teacher_ru
     import sys
 
     from procs import free_port, run_proc
-    from test_pretrain import BN_FREE  # a BatchNorm-free student
+    from procs import BN_FREE  # a BatchNorm-free student
 
     overrides = [*BN_FREE, "train.epochs=2", f"train.method={method}", f"teacher.path={teacher_run}", "distill.queue_size=64",
                  "temperature.mode=learnable", "optim.lr=1.0",

@@ -165,7 +165,7 @@ def test_online_knn_with_pixels_beats_chance():
     train, test = _split(make_synthetic(240, 4, 12), 180)
     tf = eval_transform(12, 1, [0.5], [0.25])
     res = online_knn(PixelEncoder(), train, test, tf, k=5, T=0.1)
-    assert set(res) == {"knn/top1_k5_t0.1", "knn/top5_k5_t0.1"}
+    assert set(res) == {"knn/top1_k5_t0.1", "knn/top5_k5_t0.1", "rankme"}
     assert res["knn/top1_k5_t0.1"] > 60.0  # chance is 25%
     sub = online_knn(PixelEncoder(), train, test, tf, k=[5, 20], T=[0.07, 0.1], subset=60)
     assert sub["knn/top1_k20_t0.1"] > 40.0

@@ -14,21 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from procs import free_port, run_proc
+from procs import BN_FREE, pretrain_one_and_two_processes
 from simclr_tau.config import load_config
 from simclr_tau.train.checkpoint import list_checkpoints, load_checkpoint
 from simclr_tau.train.pretrain import run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "synthetic_tiny.yaml")
-# A BatchNorm-free model: without SyncBN (GPU-only in torch), BN statistics would differ between one
-# process with 2N samples and two with N each, so exact multi-process equivalence needs no BN.
-BN_FREE = [
-    "model.backbone=vit_tiny_patch16_224",
-    "model.backbone_kwargs={img_size: 16, patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2}",
-    "model.small_stem=false",
-    "model.proj_bn=false",
-]
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -134,13 +126,7 @@ def test_a_fresh_run_refuses_to_overwrite_an_existing_run(tmp_path: Path) -> Non
 def test_two_processes_give_the_same_per_step_losses_as_one(tmp_path: Path) -> None:
     """A real 2-process gloo group (torchrun) vs one process, same global batch and seeds."""
     overrides = [*BN_FREE, "train.epochs=2", "temperature.mode=learnable", "optim.lr=1.0", "optim.warmup_epochs=0.5"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    cmd = ["-m", "simclr_tau.pretrain", TINY, f"train.output_dir={tmp_path}", *overrides]
-    one = run_proc([sys.executable, *cmd, "train.run_name=one"], env)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_proc([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", str(free_port()), *cmd, "train.run_name=two"], env)
-    assert two.returncode == 0, two.stderr[-3000:]
+    pretrain_one_and_two_processes(TINY, tmp_path, overrides, REPO)
     r1, r2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r["step"] for r in r1] == [r["step"] for r in r2] == list(range(1, 9))
     for a, b in zip(r1, r2):

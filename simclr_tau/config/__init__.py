@@ -13,14 +13,14 @@ choices), :mod:`~simclr_tau.config.load` (file + overrides -> validated config, 
 """
 
 from simclr_tau.config.load import flatten, load_config, load_distill_config, merge_into, to_yaml
-from simclr_tau.config.schema import (AugmentConfig, Config, DataConfig, DistillConfig, DistillObjectiveConfig, EvalConfig,
+from simclr_tau.config.schema import (AdaptiveConfig, AugmentConfig, Config, DataConfig, DROConfig, LossConfig, DistillConfig, DistillObjectiveConfig, EvalConfig,
                                       MixtureConfig, MocoConfig, ModelConfig, OptimConfig, ScheduleConfig, TeacherConfig,
                                       TemperatureConfig, TrainConfig, WandbConfig)
 from simclr_tau.config.validate import (DATASETS, METHODS, PARAMETRIZATIONS, SCHEDULE_KINDS, TEMPERATURE_MODES, validate,
                                         validate_distill, validate_schedule, validate_temperature)
 
 __all__ = [
-    "AugmentConfig", "Config", "DataConfig", "DistillConfig", "DistillObjectiveConfig", "EvalConfig", "MixtureConfig",
+    "AdaptiveConfig", "AugmentConfig", "Config", "DROConfig", "LossConfig", "DataConfig", "DistillConfig", "DistillObjectiveConfig", "EvalConfig", "MixtureConfig",
     "MocoConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TeacherConfig", "TemperatureConfig", "TrainConfig",
     "WandbConfig", "DATASETS", "METHODS", "PARAMETRIZATIONS", "SCHEDULE_KINDS", "TEMPERATURE_MODES", "flatten",
     "load_config", "load_distill_config", "merge_into", "to_yaml", "validate", "validate_distill", "validate_schedule",

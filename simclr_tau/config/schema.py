@@ -41,20 +41,50 @@ class MixtureConfig:
 
 
 @dataclass
+class DROConfig:
+    """The robust (DRO) τ objective of iSogCLR / SogCLR (``temperature.mode=dro``, ``objective=dro``)."""
+
+    per_sample: bool = False  # false: one global τ; true: one τ_i per training image (iSogCLR)
+    rho: float = 0.3  # KL radius ρ: τ settles where the softmax over negatives is ρ nats from uniform
+    eta: float = 0.01  # τ step size η of the projected momentum step
+    beta: float = 0.9  # momentum weight β of the τ-gradient moving average
+    estimator: str = "batch"  # batch: this batch's partition function | sogclr: per-image moving average u_i
+    gamma: float = 0.9  # sogclr: weight γ of the new batch estimate in u_i <- (1 - γ) u_i + γ g_i
+    gamma_schedule: str = "constant"  # sogclr: constant | cosine (γ from 1 down to gamma over gamma_decay_epochs)
+    gamma_decay_epochs: Optional[float] = None  # cosine γ: epochs of the decay; None = the whole run
+
+
+@dataclass
+class AdaptiveConfig:
+    """MACL's model-aware τ = init · (1 + alpha · (A − a0)), A = batch mean of the positive cosines."""
+
+    alpha: float = 0.5  # how strongly τ follows the alignment (MACL: 0.5)
+    a0: float = 0.0  # reference alignment A_0 (MACL: 0)
+
+
+@dataclass
 class TemperatureConfig:
     """How τ behaves. See :mod:`simclr_tau.temperature` for the formulas."""
 
-    mode: str = "fixed"  # fixed | learnable | conditional | scheduled
-    init: float = 0.1  # fixed value, or initial value of a learnable τ
+    mode: str = "fixed"  # fixed | learnable | conditional | scheduled | dro | adaptive
+    init: float = 0.1  # fixed value, or initial value of a learnable τ (dro: τ_0; adaptive: τ_0)
+    objective: str = "contrastive"  # conditional: what trains the τ head: contrastive (the loss) | dro (TempNet)
     parametrization: str = "log"  # learnable: log (τ = exp θ) | softplus (τ = softplus θ + eps) | relu (τ = relu θ + eps)
     eps: float = 1e-3  # floor of the softplus / relu parametrizations
-    tau_min: Optional[float] = None  # learnable: optional lower bound; conditional: default 0.05
-    tau_max: Optional[float] = None  # learnable: optional upper bound; conditional: default 1.0
+    tau_min: Optional[float] = None  # learnable / adaptive: optional lower bound; conditional: default 0.05; dro: 0.05
+    tau_max: Optional[float] = None  # learnable / adaptive: optional upper bound; conditional: default 1.0; dro: 0.7
     lr_scale: float = 1.0  # the τ parameters' learning rate = lr_scale x the encoder's; never weight-decayed
     hidden_dim: int = 128  # conditional: MLP width
     depth: int = 2  # conditional: number of linear layers
     detach_input: bool = True  # conditional: read the projection output without backpropagating into the encoder
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # scheduled mode
+    dro: DROConfig = field(default_factory=DROConfig)  # dro mode, and conditional with objective=dro
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)  # adaptive mode (MACL)
+
+
+@dataclass
+class LossConfig:
+    decoupled: bool = False  # DCL (Yeh et al. 2022): the positive leaves the NT-Xent / InfoNCE denominator
 
 
 @dataclass
@@ -172,6 +202,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     moco: MocoConfig = field(default_factory=MocoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

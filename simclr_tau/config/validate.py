@@ -21,7 +21,9 @@ def _positive(value: Optional[float], field_name: str) -> None:
         raise UserError(f"{field_name}={value!r} must be > 0")
 
 
-TEMPERATURE_MODES = ("fixed", "learnable", "conditional", "scheduled")
+TEMPERATURE_MODES = ("fixed", "learnable", "conditional", "scheduled", "dro", "adaptive")
+OBJECTIVES = ("contrastive", "dro")
+DRO_TAU_MIN, DRO_TAU_MAX = 0.05, 0.7  # iSogCLR's image bounds: the dro mode's defaults
 PARAMETRIZATIONS = ("log", "softplus", "relu")
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "exponential", "step", "plateau")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic", "mixture")
@@ -69,6 +71,36 @@ def validate_temperature(t: Any, prefix: str = "temperature") -> None:
             raise UserError(f"{prefix}.init={t.init} must lie strictly inside (tau_min, tau_max)=({lo}, {hi}) for a conditional temperature")
     if t.mode == "scheduled":
         validate_schedule(t.schedule, f"{prefix}.schedule")
+    _choice(t.objective, f"{prefix}.objective", OBJECTIVES)
+    if t.objective == "dro" and t.mode != "conditional":
+        raise UserError(f"{prefix}.objective=dro applies to {prefix}.mode=conditional (a τ network trained by the robust "
+                        f"objective); for a global or per-sample τ trained by it use {prefix}.mode=dro")
+    if t.mode == "dro" or t.objective == "dro":
+        validate_dro(t, prefix)
+    if t.mode == "adaptive" and not t.adaptive.alpha >= 0:
+        raise UserError(f"{prefix}.adaptive.alpha={t.adaptive.alpha} must be >= 0")
+
+
+def validate_dro(t: Any, prefix: str = "temperature") -> None:
+    """Checks of ``temperature.dro``; the robust objective's τ-bounds default to iSogCLR's [0.05, 0.7]."""
+    d, p = t.dro, f"{prefix}.dro"
+    _positive(d.rho, f"{p}.rho")
+    _positive(d.eta, f"{p}.eta")
+    if not 0 < d.beta <= 1:
+        raise UserError(f"{p}.beta={d.beta} must lie in (0, 1]")
+    _choice(d.estimator, f"{p}.estimator", ("batch", "sogclr"))
+    if not 0 < d.gamma <= 1:
+        raise UserError(f"{p}.gamma={d.gamma} must lie in (0, 1]")
+    _choice(d.gamma_schedule, f"{p}.gamma_schedule", ("constant", "cosine"))
+    _positive(d.gamma_decay_epochs, f"{p}.gamma_decay_epochs")
+    if t.mode == "dro":
+        lo = t.tau_min if t.tau_min is not None else DRO_TAU_MIN
+        hi = t.tau_max if t.tau_max is not None else DRO_TAU_MAX
+        if not lo <= t.init <= hi:
+            raise UserError(f"{prefix}.init={t.init} lies outside [tau_min, tau_max]=[{lo}, {hi}] of the dro mode")
+    elif d.estimator != "batch" or d.per_sample:
+        raise UserError(f"{prefix}.mode=conditional with objective=dro uses the batch estimator of one τ network: "
+                        f"leave {p}.estimator=batch and {p}.per_sample=false")
 
 
 def validate(cfg: Any) -> None:
@@ -81,6 +113,15 @@ def validate(cfg: Any) -> None:
         raise UserError("data.name=mixture needs data.sources (a list of data.* overrides with a score each), "
                         "and data.sources needs data.name=mixture")
     _choice(cfg.train.method, "train.method", METHODS)
+    robust = cfg.temperature.mode == "dro" or cfg.temperature.objective == "dro"
+    if robust and cfg.train.method == "mocov3":
+        raise UserError("the robust (dro) τ objective needs explicit negatives: use train.method=simclr or mocov2 "
+                        "(MoCo v3's in-batch loss is not supported)")
+    if robust and cfg.loss.decoupled:
+        raise UserError("loss.decoupled applies to the contrastive loss; the robust (dro) objective is decoupled "
+                        "already (its negatives exclude the positive): drop loss.decoupled=true")
+    if cfg.temperature.mode == "adaptive" and cfg.train.method == "mocov3":
+        raise UserError("temperature.mode=adaptive (MACL) is implemented for simclr and mocov2")
     _choice(cfg.train.mixed_precision, "train.mixed_precision", ("no", "bf16", "fp16"))
     _choice(cfg.optim.name, "optim.name", ("sgd", "adamw", "lars"))
     _choice(cfg.optim.lr_scaling, "optim.lr_scaling", ("linear", "sqrt", "none"))
@@ -111,6 +152,11 @@ def validate_distill(cfg: Any) -> None:
     view.train.method = "simclr"  # pretraining's check of the method name does not apply here
     validate(view)
     validate_temperature(cfg.teacher_temperature, "teacher_temperature")
+    for name in ("temperature", "teacher_temperature"):
+        t = cfg[name]
+        if t.mode in ("dro", "adaptive") or t.objective == "dro":
+            raise UserError(f"{name}.mode={t.mode} / objective={t.objective} is a contrastive-pretraining τ; "
+                            f"distillation takes fixed, learnable, scheduled or conditional")
     if not cfg.teacher.path:
         raise UserError("teacher.path is empty: give a run directory, an encoder.safetensors or a checkpoint")
     d = cfg.distill

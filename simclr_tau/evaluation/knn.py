@@ -162,14 +162,20 @@ def online_knn(
     T: float | Sequence[float] = 0.07, subset: Optional[int] = None, accelerator: Any = None,
     batch_size: int = 512, seed: int = 0,
 ) -> Dict[str, float]:
-    """kNN accuracy of the current encoder during training: ``{"knn/top1_k20_t0.07": ..., ...}``.
+    """kNN accuracy and RankMe of the current encoder during training:
+    ``{"knn/top1_k20_t0.07": ..., "knn/top5_k20_t0.07": ..., ..., "rankme": ...}``.
 
+    The first value is the first setting's top-1 (a plateau τ schedule monitors it); ``"rankme"`` comes
+    last: :func:`simclr_tau.evaluation.rankme.rankme` of the test split's features, the raw encoder output
+    that the kNN queries are made of (the kNN L2-normalizes its own copy), so no second pass is needed.
     ``subset``: use a fixed random subset (seeded) of that many training images as the memory bank.
-    The encoder's train/eval mode is restored. Every process returns the same numbers.
+    The encoder's train/eval mode is restored. Every process returns the same numbers (the features are
+    gathered on every process).
     """
     from torch.utils.data import Subset
 
     from simclr_tau.evaluation.features import extract_features
+    from simclr_tau.evaluation.rankme import rankme
 
     ks = [k] if isinstance(k, int) else list(k)
     Ts = [T] * len(ks) if isinstance(T, (int, float)) else list(T)
@@ -187,4 +193,6 @@ def online_knn(
     te_f, te_y = extract_features(encoder, test_ds, transform, batch_size, accelerator)
     C = getattr(test_ds, "num_classes", None) or _num_classes(tr_y, te_y)
     res = knn_eval(tr_f, tr_y, te_f, te_y, ks, Ts, num_classes=C)
-    return {f"knn/{name}": v for name, v in res.items()}
+    out = {f"knn/{name}": v for name, v in res.items()}
+    out["rankme"] = rankme(te_f)  # last: the first key stays a top-1
+    return out

@@ -7,6 +7,9 @@ MoCo v2 (queue of K negative keys), for a query q_i, its key k_i and the queue {
 
 MoCo v3 (Chen et al. 2021, "An Empirical Study of Training Self-Supervised Vision Transformers"): no queue,
 the negatives are the other keys of the (global) batch: ℓ_i = CE(q_i·K_all^T / τ_i, index of k_i).
+
+``decoupled=True`` (DCL, Yeh et al. 2022): the positive leaves the denominator,
+ℓ_i = −q_i·k_i / τ_i + log Σ_j exp(q_i·n_j / τ_i) over the negatives only.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def _scale(logits: Tensor, tau: Tensor | float) -> Tensor:
     return logits / tau
 
 
-def info_nce(q: Tensor, k: Tensor, queue: Optional[Tensor], tau: TauLike) -> Tensor:
+def info_nce(q: Tensor, k: Tensor, queue: Optional[Tensor], tau: TauLike, decoupled: bool = False) -> Tensor:
     """MoCo v2 InfoNCE of queries ``q`` (N, D) against keys ``k`` (N, D) and negatives ``queue`` (K, D).
 
     ``q`` keeps its gradient; ``k`` and ``queue`` are treated as constants (detached), as in MoCo.
@@ -50,11 +53,15 @@ def info_nce(q: Tensor, k: Tensor, queue: Optional[Tensor], tau: TauLike) -> Ten
         else:
             logits = pos
         logits = _scale(logits, tau)
+        if decoupled:
+            if queue is None:
+                raise ValueError("decoupled InfoNCE needs negatives (a queue)")
+            return (torch.logsumexp(logits[:, 1:], dim=1) - logits[:, 0]).mean()
         labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         return F.cross_entropy(logits, labels)
 
 
-def info_nce_in_batch(q: Tensor, k: Tensor, tau: TauLike, gather: bool = True) -> Tensor:
+def info_nce_in_batch(q: Tensor, k: Tensor, tau: TauLike, gather: bool = True, decoupled: bool = False) -> Tensor:
     """MoCo v3 InfoNCE: query i against all keys of the global batch; the positive is its own key.
 
     Keys come from the momentum encoder and carry no gradient, so a plain (no-grad) all-gather is exact.
@@ -71,4 +78,7 @@ def info_nce_in_batch(q: Tensor, k: Tensor, tau: TauLike, gather: bool = True) -
         keys = all_gather_no_grad(k) if world > 1 else k  # NW x D
         logits = _scale(q @ keys.T, tau)  # N x NW
         labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
+        if decoupled:
+            pos = logits.gather(1, labels[:, None]).squeeze(1)
+            return (torch.logsumexp(logits.scatter(1, labels[:, None], float("-inf")), dim=1) - pos).mean()
         return F.cross_entropy(logits, labels)

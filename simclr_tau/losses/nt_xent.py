@@ -8,6 +8,13 @@ For 2N L2-normalized embeddings u = [z1; z2] and anchor i with positive p(i) (th
 
 computed as a cross-entropy over masked logits (log-sum-exp), never as exp-then-sum: exp(1/τ) overflows
 float32 once τ < 1/88.7 ≈ 0.011.
+
+Decoupled (DCL, Yeh et al. 2022, "Decoupled Contrastive Learning"): the positive leaves the denominator,
+
+    ℓ_i = −u_i·u_p(i) / τ_i + log Σ_{k ∉ {i, p(i)}} exp(u_i·u_k / τ_i)
+
+which removes the negative-positive coupling factor that makes NT-Xent's gradient vanish once the positive
+dominates the softmax (small batches, small τ).
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ def check_tau(tau: TauLike, num_anchors: int, name: str = "tau") -> Tensor | flo
     return float(tau)
 
 
-def nt_xent(z1: Tensor, z2: Tensor, tau: TauLike, gather: bool = True) -> Tensor:
+def nt_xent(z1: Tensor, z2: Tensor, tau: TauLike, gather: bool = True, decoupled: bool = False) -> Tensor:
     """SimCLR NT-Xent loss of two views ``z1``, ``z2`` of shape (N, D).
 
     Args:
@@ -55,6 +62,7 @@ def nt_xent(z1: Tensor, z2: Tensor, tau: TauLike, gather: bool = True) -> Tensor
         gather: when torch.distributed is initialized, contrast the local anchors against the global
             batch gathered from all processes (with gradient). With W processes of N pairs each this is,
             after DDP's gradient averaging, exactly the loss and gradient of one process with W·N pairs.
+        decoupled: DCL: leave the positive out of the denominator (module docstring).
 
     Returns:
         The mean of ℓ_i over the local 2N anchors (a 0-d tensor: float32, or float64 for float64 inputs).
@@ -84,4 +92,8 @@ def nt_xent(z1: Tensor, z2: Tensor, tau: TauLike, gather: bool = True) -> Tensor
         self_mask = F.one_hot(idx + offset, candidates.shape[0]).bool()
         logits = logits.masked_fill(self_mask, float("-inf"))
         positives = offset + (idx + n) % (2 * n)  # anchor i in z1 pairs with i in z2 and back
+        if decoupled:
+            pos = logits.gather(1, positives[:, None]).squeeze(1)  # (2N,)
+            neg = logits.scatter(1, positives[:, None], float("-inf"))  # 2N x 2NW: self and positive masked
+            return (torch.logsumexp(neg, dim=1) - pos).mean()
         return F.cross_entropy(logits, positives)

@@ -14,14 +14,15 @@ from simclr_tau.temperature import build_temperature
 __all__ = ["SimCLR", "build_method"]
 
 
-def build_method(cfg: Any, in_chans: int, steps_per_epoch: int, total_steps: int) -> nn.Module:
-    """Build the method ``cfg.train.method`` names, with its encoder, heads and temperature."""
+def build_method(cfg: Any, in_chans: int, steps_per_epoch: int, total_steps: int, num_samples: int = 0) -> nn.Module:
+    """Build the method ``cfg.train.method`` names, with its encoder, heads and temperature
+    (``num_samples``: the training set's size, for per-sample τ tables)."""
     if cfg.train.method in ("mocov2", "mocov3"):
         from simclr_tau.methods.moco import build_moco
 
-        return build_moco(cfg, in_chans, steps_per_epoch, total_steps)
+        return build_moco(cfg, in_chans, steps_per_epoch, total_steps, num_samples)
     encoder, feat_dim = build_encoder(cfg.model, in_chans)
     m = cfg.model
     projector = mlp(feat_dim, m.proj_hidden_dim, m.proj_dim, m.proj_layers, bn=m.proj_bn)
-    temperature = build_temperature(cfg.temperature, m.proj_dim, steps_per_epoch, total_steps)
-    return SimCLR(encoder, projector, temperature)
+    temperature = build_temperature(cfg.temperature, m.proj_dim, steps_per_epoch, total_steps, num_samples=num_samples)
+    return SimCLR(encoder, projector, temperature, decoupled=bool(cfg.get("loss", {}).get("decoupled", False)))

@@ -34,8 +34,11 @@ from torch import Tensor, nn
 from simclr_tau.distributed import all_gather_no_grad, is_distributed, rank_and_world
 from simclr_tau.errors import UserError
 from simclr_tau.losses import info_nce, info_nce_in_batch
+from simclr_tau.losses.dro import moco_margins
+from simclr_tau.losses.nt_xent import upcast
+from simclr_tau.methods.simclr import positive_alignment
 from simclr_tau.models import build_encoder, mlp
-from simclr_tau.temperature import Temperature, build_temperature
+from simclr_tau.temperature import Temperature, build_temperature, robust_loss
 
 VERSIONS = ("v2", "v3")
 
@@ -88,8 +91,10 @@ class MoCo(nn.Module):
         symmetric: bool = False,
         shuffle_bn: bool = True,
         dim: Optional[int] = None,
+        decoupled: bool = False,
     ) -> None:
         super().__init__()
+        self.decoupled = decoupled  # DCL: the positive leaves the InfoNCE denominator
         if version not in VERSIONS:
             raise UserError(f"MoCo version={version!r}; accepted: v2 (train.method=mocov2), v3 (train.method=mocov3)")
         if not queue_size >= 1:
@@ -200,27 +205,40 @@ class MoCo(nn.Module):
         z = self.projector(self.encoder(x))
         return self.predictor(z) if self.predictor is not None else z
 
-    def forward(self, x1: Tensor, x2: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def forward(self, x1: Tensor, x2: Tensor, index: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """``index``: the dataset indices of the N images, for per-sample τ state."""
         q1 = self._query(x1)  # N x D
         q2 = self._query(x2) if self.symmetric else None
         k2 = self._keys(x2)  # N x D
         k1 = self._keys(x1) if self.symmetric else None
-        tau = self.temperature(q1 if q2 is None else torch.cat([q1, q2], dim=0))  # 0-d, or (N,) / (2N,)
-        tau1, tau2 = tau.chunk(2) if (tau.ndim == 1 and q2 is not None) else (tau, tau)
+        queries = q1 if q2 is None else torch.cat([q1, q2], dim=0)
+        keys = k2 if k1 is None else torch.cat([k2, k1], dim=0)  # the positive of each query, in query order
+        alignment = positive_alignment(queries, keys)
+        # 0-d, or (N,) / (2N,) per query (conditional), or (N,) per image (per-sample dro)
+        tau = self.temperature(queries, index=index, alignment=alignment)
+        tau1, tau2 = tau.chunk(2) if (tau.ndim == 1 and tau.shape[0] == queries.shape[0] and q2 is not None) \
+            else (tau, tau)
+        extra: Dict[str, Tensor] = {}
 
         if self.version == "v2":
             # A snapshot of the queue: the enqueue below must not touch the tensor the logits read.
             queue = self.queue.clone().detach()  # K x D
-            loss = info_nce(q1, k2, queue, tau1)
-            if q2 is not None:
-                loss = 0.5 * (loss + info_nce(q2, k1, queue, tau2))
+            if self.temperature.objective == "dro":  # the queue as the negatives of the robust objective
+                h = moco_margins(F.normalize(upcast(queries), dim=1), F.normalize(upcast(keys), dim=1),
+                                 F.normalize(upcast(queue), dim=1))
+                loss, extra = robust_loss(self.temperature, h, None, tau, index, views=1 if q2 is None else 2)
+            else:
+                loss = info_nce(q1, k2, queue, tau1, decoupled=self.decoupled)
+                if q2 is not None:
+                    loss = 0.5 * (loss + info_nce(q2, k1, queue, tau2, decoupled=self.decoupled))
             if self.training:
                 self._dequeue_and_enqueue(k2 if k1 is None else torch.cat([k1, k2], dim=0))
         else:
             scale = 2.0 * tau.detach().mean()  # MoCo v3's 2τ, detached (see the class docstring)
-            loss = scale * (info_nce_in_batch(q1, k2, tau1) + info_nce_in_batch(q2, k1, tau2))
+            loss = scale * (info_nce_in_batch(q1, k2, tau1, decoupled=self.decoupled)
+                            + info_nce_in_batch(q2, k1, tau2, decoupled=self.decoupled))
 
-        logs = self.temperature.stats(tau)
+        logs = {**self.temperature.stats(tau), **extra}
         logs["momentum"] = self.momentum.clone()
         return loss, logs
 
@@ -238,7 +256,7 @@ class MoCo(nn.Module):
         self.temperature.observe(metric)
 
 
-def build_moco(cfg: Any, in_chans: int, steps_per_epoch: int, total_steps: int) -> MoCo:
+def build_moco(cfg: Any, in_chans: int, steps_per_epoch: int, total_steps: int, num_samples: int = 0) -> MoCo:
     """Build MoCo v2 (``train.method=mocov2``) or v3 (``mocov3``) from a :class:`~simclr_tau.config.Config`."""
     mc, m = cfg.moco, cfg.model
     if cfg.train.method not in ("mocov2", "mocov3"):
@@ -252,7 +270,7 @@ def build_moco(cfg: Any, in_chans: int, steps_per_epoch: int, total_steps: int) 
     # MoCo v3 ends its projector (and not its predictor) with a BN without affine parameters.
     projector = mlp(feat_dim, m.proj_hidden_dim, m.proj_dim, m.proj_layers, last_bn=version == "v3", bn=m.proj_bn)
     predictor = mlp(m.proj_dim, mc.pred_hidden_dim, m.proj_dim, 2, bn=m.proj_bn) if version == "v3" else None
-    temperature = build_temperature(cfg.temperature, m.proj_dim, steps_per_epoch, total_steps)
+    temperature = build_temperature(cfg.temperature, m.proj_dim, steps_per_epoch, total_steps, num_samples=num_samples)
     return MoCo(
         encoder,
         projector,
@@ -266,4 +284,5 @@ def build_moco(cfg: Any, in_chans: int, steps_per_epoch: int, total_steps: int) 
         symmetric=mc.symmetric,
         shuffle_bn=mc.shuffle_bn,
         dim=m.proj_dim,
+        decoupled=bool(cfg.get("loss", {}).get("decoupled", False)),
     )

@@ -1,11 +1,14 @@
-"""Temperature: modules (fixed / learnable / conditional / scheduled) and per-step schedules."""
+"""Temperature: modules (fixed / learnable / conditional / scheduled / adaptive / dro) and per-step schedules."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from simclr_tau.config import ScheduleConfig, TemperatureConfig, validate_temperature
+from simclr_tau.config import AdaptiveConfig, DROConfig, ScheduleConfig, TemperatureConfig, validate_temperature
+from simclr_tau.config.validate import DRO_TAU_MAX, DRO_TAU_MIN
+from simclr_tau.temperature.dro import DROTemperature, robust_loss
 from simclr_tau.temperature.modules import (
+    AdaptiveTemperature,
     ConditionalTemperature,
     FixedTemperature,
     LearnableTemperature,
@@ -20,6 +23,9 @@ __all__ = [
     "LearnableTemperature",
     "ConditionalTemperature",
     "ScheduledTemperature",
+    "DROTemperature",
+    "AdaptiveTemperature",
+    "robust_loss",
     "Schedule",
     "build_schedule",
     "build_temperature",
@@ -27,17 +33,22 @@ __all__ = [
 
 
 def build_temperature(
-    cfg: Any, embed_dim: int, steps_per_epoch: int = 1, total_steps: int = 1, prefix: str = "temperature"
+    cfg: Any, embed_dim: int, steps_per_epoch: int = 1, total_steps: int = 1, prefix: str = "temperature",
+    num_samples: int = 0,
 ) -> Temperature:
     """Build the temperature module a :class:`~simclr_tau.config.TemperatureConfig` describes.
 
-    ``embed_dim`` is the width of the embeddings a conditional τ reads; the step counts size schedules.
+    ``embed_dim`` is the width of the embeddings a conditional τ reads; the step counts size schedules;
+    ``num_samples`` (the training set's size) sizes the per-sample tables of a dro τ.
     Raises :class:`~simclr_tau.errors.UserError` naming the field for an invalid config.
     """
     if isinstance(cfg, dict):
         cfg = dict(cfg)
         if isinstance(cfg.get("schedule"), dict):  # a nested plain dict, as in the YAML
             cfg["schedule"] = ScheduleConfig(**cfg["schedule"])
+        for key, kind in (("dro", DROConfig), ("adaptive", AdaptiveConfig)):
+            if isinstance(cfg.get(key), dict):
+                cfg[key] = kind(**cfg[key])
         cfg = TemperatureConfig(**cfg)
     validate_temperature(cfg, prefix)
     if cfg.mode == "fixed":
@@ -47,5 +58,15 @@ def build_temperature(
     if cfg.mode == "conditional":
         lo = cfg.tau_min if cfg.tau_min is not None else 0.05
         hi = cfg.tau_max if cfg.tau_max is not None else 1.0
-        return ConditionalTemperature(embed_dim, cfg.init, lo, hi, cfg.hidden_dim, cfg.depth, cfg.detach_input)
+        return ConditionalTemperature(embed_dim, cfg.init, lo, hi, cfg.hidden_dim, cfg.depth, cfg.detach_input,
+                                      cfg.objective, cfg.dro.rho)
+    if cfg.mode == "dro":
+        d = cfg.dro
+        decay = d.gamma_decay_epochs
+        return DROTemperature(num_samples, cfg.init, cfg.tau_min if cfg.tau_min is not None else DRO_TAU_MIN,
+                              cfg.tau_max if cfg.tau_max is not None else DRO_TAU_MAX, d.rho, d.eta, d.beta,
+                              d.per_sample, d.estimator, d.gamma, d.gamma_schedule,
+                              int(round(decay * steps_per_epoch)) if decay is not None else total_steps)
+    if cfg.mode == "adaptive":
+        return AdaptiveTemperature(cfg.init, cfg.adaptive.alpha, cfg.adaptive.a0, cfg.tau_min, cfg.tau_max)
     return ScheduledTemperature(build_schedule(cfg.schedule, steps_per_epoch, total_steps, f"{prefix}.schedule"))

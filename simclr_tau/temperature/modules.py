@@ -34,11 +34,20 @@ from simclr_tau.temperature.schedules import Schedule
 
 
 class Temperature(nn.Module):
-    """Base class. ``forward(embeddings)`` returns τ (0-d, or shape (B,) for per-sample τ)."""
+    """Base class. ``forward(embeddings, index, alignment)`` returns τ (0-d, or shape (B,) for per-sample τ).
+
+    The method passes what a τ may read: ``embeddings`` (the projections, conditional τ), ``index`` (the
+    batch's dataset indices, per-sample tables of :mod:`simclr_tau.temperature.dro`) and ``alignment`` (the
+    batch mean of the detached positive cosines, adaptive τ); each module reads what it needs.
+    ``objective`` says what trains τ: ``contrastive`` (the loss itself, through autograd) or ``dro``
+    (:func:`simclr_tau.temperature.dro.robust_loss`).
+    """
 
     per_sample: bool = False
+    objective: str = "contrastive"
 
-    def forward(self, embeddings: Optional[Tensor] = None) -> Tensor:  # pragma: no cover - abstract
+    def forward(self, embeddings: Optional[Tensor] = None, index: Optional[Tensor] = None,
+                alignment: Optional[Tensor] = None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def step(self, global_step: int) -> None:
@@ -53,6 +62,10 @@ class Temperature(nn.Module):
     def health(self) -> Optional[str]:
         """A message when τ is stuck in a state training cannot leave, else None (read at log steps only)."""
         return None
+
+    def log_stats(self) -> Dict[str, Tensor]:
+        """Statistics of the module's state for a log step (0-d tensors), e.g. per-sample τ quantiles."""
+        return {}
 
     @torch.no_grad()
     def stats(self, tau: Tensor) -> Dict[str, Tensor]:
@@ -72,7 +85,8 @@ class FixedTemperature(Temperature):
             raise ValueError(f"temperature.init={tau} must be > 0")
         self.register_buffer("tau", torch.tensor(float(tau)))
 
-    def forward(self, embeddings: Optional[Tensor] = None) -> Tensor:
+    def forward(self, embeddings: Optional[Tensor] = None, index: Optional[Tensor] = None,
+                alignment: Optional[Tensor] = None) -> Tensor:
         return self.tau
 
 
@@ -124,7 +138,8 @@ class LearnableTemperature(Temperature):
             return math.log(math.expm1(tau - self.eps))
         return tau - self.eps
 
-    def forward(self, embeddings: Optional[Tensor] = None) -> Tensor:
+    def forward(self, embeddings: Optional[Tensor] = None, index: Optional[Tensor] = None,
+                alignment: Optional[Tensor] = None) -> Tensor:
         if self.parametrization == "log":
             return self.theta.exp()
         if self.parametrization == "softplus":
@@ -172,8 +187,14 @@ class ConditionalTemperature(Temperature):
         hidden_dim: int = 128,
         depth: int = 2,
         detach_input: bool = True,
+        objective: str = "contrastive",
+        rho: float = 0.3,
     ) -> None:
         super().__init__()
+        if objective not in ("contrastive", "dro"):
+            raise ValueError(f"temperature.objective={objective!r}; accepted: contrastive, dro")
+        self.objective = objective  # dro: TempNet (Qiu et al. 2024): the head descends the robust objective
+        self.rho, self.loss_scale = float(rho), float(init)
         if not 0 < tau_min < tau_max:
             raise ValueError(f"temperature bounds must satisfy 0 < tau_min={tau_min} < tau_max={tau_max}")
         if not tau_min < init < tau_max:
@@ -194,7 +215,8 @@ class ConditionalTemperature(Temperature):
         self.tau_min, self.tau_max = float(tau_min), float(tau_max)
         self.detach_input = detach_input
 
-    def forward(self, embeddings: Optional[Tensor] = None) -> Tensor:
+    def forward(self, embeddings: Optional[Tensor] = None, index: Optional[Tensor] = None,
+                alignment: Optional[Tensor] = None) -> Tensor:
         if embeddings is None or embeddings.ndim != 2:
             raise ValueError("ConditionalTemperature needs embeddings of shape (B, D)")
         # The head's own precision (float32, or float64 after .double()), whatever the embeddings' dtype.
@@ -215,7 +237,8 @@ class ScheduledTemperature(Temperature):
         self.schedule = schedule
         self.register_buffer("tau", torch.tensor(float(schedule(0))))
 
-    def forward(self, embeddings: Optional[Tensor] = None) -> Tensor:
+    def forward(self, embeddings: Optional[Tensor] = None, index: Optional[Tensor] = None,
+                alignment: Optional[Tensor] = None) -> Tensor:
         return self.tau
 
     def step(self, global_step: int) -> None:
@@ -230,3 +253,30 @@ class ScheduledTemperature(Temperature):
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         self.schedule.load_state_dict(state)
+
+
+class AdaptiveTemperature(Temperature):
+    """MACL's model-aware τ (Huang et al., ICML 2023, "Model-Aware Contrastive Learning"), parameter-free:
+
+        τ = τ_0 · (1 + α · (A − A_0)),   A = mean_i cos(z_i, z_i⁺) of the batch, detached
+
+    so τ rises as the positives align (a uniformity-tolerance trade-off that follows training). Only MACL's
+    temperature, not its loss reweighting. Clamped to [τ_min, τ_max] when given. The method passes A as
+    ``alignment`` (0-d); τ is 0-d.
+    """
+
+    def __init__(self, init: float, alpha: float = 0.5, a0: float = 0.0, tau_min: Optional[float] = None,
+                 tau_max: Optional[float] = None) -> None:
+        super().__init__()
+        if not init > 0 or not alpha >= 0:
+            raise ValueError(f"adaptive τ needs init > 0 and alpha >= 0; got init={init}, alpha={alpha}")
+        self.init, self.alpha, self.a0 = float(init), float(alpha), float(a0)
+        self.tau_min = tau_min if tau_min is not None else 1e-3  # A ∈ [−1, 1]: α > 1/(1 + A_0) could reach 0
+        self.tau_max = tau_max
+
+    def forward(self, embeddings: Optional[Tensor] = None, index: Optional[Tensor] = None,
+                alignment: Optional[Tensor] = None) -> Tensor:
+        if alignment is None:
+            raise ValueError("an adaptive (MACL) τ needs the batch's positive alignment (alignment=...)")
+        tau = self.init * (1.0 + self.alpha * (alignment.detach().float() - self.a0))
+        return tau.clamp(min=self.tau_min, max=self.tau_max)

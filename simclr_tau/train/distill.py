@@ -63,7 +63,7 @@ def _with_labels(batches: Any, labels: torch.Tensor, sampler: Any, epoch: int, s
     per, b = micro // world, skip_steps * accum
     for group in batches:
         out = []
-        for x1, x2 in group:
+        for x1, x2, _ in group:
             y = labels[order[b * micro + rank * per: b * micro + (rank + 1) * per]]
             out.append((torch.cat([x1, x2]), torch.cat([y, y])))
             b += 1

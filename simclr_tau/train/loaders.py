@@ -1,5 +1,6 @@
 """Data loaders of the training loop: each yields, per optimizer step, a list of ``grad_accum`` micro-batches
-``(x1, x2)`` (this process's slice of the global micro-batch, two augmented views).
+``(x1, x2, index)`` (this process's slice of the global micro-batch: two augmented views and the images'
+dataset indices, which per-sample τ state is keyed by).
 
 Rank r takes the r-th slice of every global micro-batch cut from the epoch's permutation, so the global
 batch is the same for any number of processes (we shard by hand rather than with
@@ -20,7 +21,7 @@ from simclr_tau.data.datasets import ImageDataset
 from simclr_tau.data.pipeline import EpochSampler, TwoViewDataset, mix_seed
 from simclr_tau.errors import UserError
 
-Step = List[Tuple[Tensor, Tensor]]
+Step = List[Tuple[Tensor, Tensor, Tensor]]
 
 
 def global_micro_batch(tc: Any, dataset_size: int, world: int) -> int:
@@ -73,9 +74,11 @@ class ShardedLoader:
             mine.extend(keys[start:start + per])
         loader = DataLoader(self.dataset, batch_size=per, sampler=mine, drop_last=True,
                             num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
-        group = []
+        index = torch.tensor([i for _, i in mine], dtype=torch.long)  # the loader keeps the order of `mine`
+        group, b = [], 0
         for x1, x2, _ in loader:
-            group.append((x1, x2))
+            group.append((x1, x2, index[b * per:(b + 1) * per]))
+            b += 1
             if len(group) == accum:
                 yield group
                 group = []
@@ -106,11 +109,12 @@ class BatchedLoader:
         for s in range(skip_steps, n_steps):
             group = []
             for b in range(s * accum, (s + 1) * accum):
-                x = self.images[order[b * self.micro + lo: b * self.micro + hi].to(self.device)]
+                index = order[b * self.micro + lo: b * self.micro + hi]
+                x = self.images[index.to(self.device)]
                 views = []
                 for v in (0, 1):
                     gen.manual_seed(mix_seed(self.seed, epoch, 2 * b + v))
                     params = self.augment.sample_params(self.micro, gen, self.device, input_size=x.shape[-2:])
                     views.append(self.augment.apply(x, {k: t[lo:hi] for k, t in params.items()}))
-                group.append((views[0], views[1]))
+                group.append((views[0], views[1], index))
             yield group

@@ -215,6 +215,8 @@ class Trainer:
             "train/images_per_s": n_steps * self.tc.batch_size / max(seconds, 1e-9),
         }
         metrics.update({f"train/{k}": v for k, v in logs.items()})
+        for t in self.temperatures:  # state statistics (per-sample τ quantiles, ...), at log steps only
+            metrics.update({f"train/{k}": v for k, v in t.log_stats().items()})
         if self.data_metrics is not None:  # draws of this epoch so far, over all processes
             done = (step - (step - 1) // self.steps_per_epoch * self.steps_per_epoch) * self.tc.batch_size
             metrics.update(self.data_metrics(upto=done, step=step - 1))

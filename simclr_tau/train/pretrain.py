@@ -61,7 +61,7 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
                           accelerator.device)
 
     # ---- model, optimizer --------------------------------------------------------------------
-    method = build_method(cfg, dataset.channels, steps_per_epoch, total_steps)
+    method = build_method(cfg, dataset.channels, steps_per_epoch, total_steps, num_samples=len(dataset))
     method, optimizer, core = prepare_method(method, cfg, accelerator)
 
     # ---- run directory, resume ---------------------------------------------------------------

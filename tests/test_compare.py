@@ -381,3 +381,21 @@ def test_final_metrics_axis_fits_the_values_instead_of_starting_at_zero(tmp_path
     assert plot_final_metrics(runs, [("linear/test_top1", "absent")], tmp_path / "g.png") is None
     nan_only = [RunData(name="n", source="x", config={}, final={"calib/ece_after": float("nan")})]
     assert plot_final_metrics(nan_only, [("calib/ece_after", "ECE")], tmp_path / "h.png") is None  # no empty panel
+
+
+def test_tau_band_prefers_the_table_quantiles_of_a_per_sample_tau(tmp_path: Path) -> None:
+    from simclr_tau.records.plots import plot_tau, tau_band
+    from simclr_tau.records.run_data import RunData
+
+    table = RunData("dro", "x", {}, {}, [
+        {"step": s, "train/tau_mean": 0.2, "train/tau_min": 0.1, "train/tau_max": 0.3,
+         "train/tau_p1": 0.05 + s / 100, "train/tau_p50": 0.2 + s / 100, "train/tau_p99": 0.6} for s in (1, 2, 3)])
+    steps, mid, lo, hi, what = tau_band(table)
+    assert steps == [1, 2, 3] and mid == pytest.approx([0.21, 0.22, 0.23]) and lo == pytest.approx([0.06, 0.07, 0.08])
+    assert hi == [0.6] * 3 and "p1–p99" in what
+    batch = RunData("cond", "x", {}, {}, [{"step": 1, "train/tau_mean": 0.2, "train/tau_min": 0.1, "train/tau_max": 0.3},
+                                          {"step": 2, "train/tau_mean": 0.25}])  # a row without its band
+    steps, mid, lo, hi, what = tau_band(batch)
+    assert steps == [1, 2] and mid == [0.2, 0.25] and lo is None and hi is None and "batch mean" in what
+    assert tau_band(RunData("fixed", "x", {}, {}, [{"step": 1, "train/tau": 0.2}])) is None
+    assert plot_tau([table, batch], tmp_path / "tau.png").stat().st_size > 1000

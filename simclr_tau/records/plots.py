@@ -94,8 +94,24 @@ def tau_axis_scale(values: Sequence[float]) -> str:
     return "log" if pos and max(pos) / min(pos) > 10 else "linear"
 
 
+def tau_band(r: RunData) -> Optional[Tuple[list, list, Optional[list], Optional[list], str]]:
+    """A per-sample τ run's curve: (steps, centre, low, high, what they are), or None for a scalar τ.
+
+    The quantiles of the whole τ_i table (``train/tau_p50`` with ``tau_p1``–``tau_p99``: a dro per-sample τ)
+    when logged, else the batch's mean with its min–max band (a conditional τ)."""
+    for centre, lo_key, hi_key, what in (("train/tau_p50", "train/tau_p1", "train/tau_p99", "median, p1–p99 band of all τ_i"),
+                                         ("train/tau_mean", "train/tau_min", "train/tau_max", "batch mean, min–max band")):
+        rows = [(row["step"], row[centre], row.get(lo_key), row.get(hi_key))
+                for row in r.history if isinstance(row.get(centre), (int, float)) and "step" in row]
+        if rows:
+            s, mid, lo, hi = (list(c) for c in zip(*rows))
+            full = all(v is not None for v in lo + hi)
+            return s, mid, lo if full else None, hi if full else None, what
+    return None
+
+
 def plot_tau(runs: Sequence[RunData], path: Path) -> Optional[Path]:
-    """Scalar τ as a line; per-sample τ as its batch mean with a min–max band."""
+    """Scalar τ as a line; per-sample τ as a centre line with a quantile band (:func:`tau_band`)."""
     plt, styles = _plt(), line_styles(runs)
     fig, ax = plt.subplots(figsize=(8, 5))
     handles, labels, values = [], [], []
@@ -106,15 +122,14 @@ def plot_tau(runs: Sequence[RunData], path: Path) -> Optional[Path]:
             handles.append(_plot(ax, styles[r.name], xs, ys, len(xs) <= 25))
             labels.append(r.name)
             continue
-        rows = [(row["step"], row["train/tau_mean"], row.get("train/tau_min"), row.get("train/tau_max"))
-                for row in r.history if isinstance(row.get("train/tau_mean"), (int, float)) and "step" in row]
-        if rows:
-            s, mean, lo, hi = zip(*rows)
-            values += [v for v in lo + mean + hi if v is not None]
-            handles.append(_plot(ax, styles[r.name], s, mean, len(s) <= 25))
-            if all(v is not None for v in lo + hi):
+        band = tau_band(r)
+        if band is not None:
+            s, mid, lo, hi, what = band
+            values += mid + (lo or []) + (hi or [])
+            handles.append(_plot(ax, styles[r.name], s, mid, len(s) <= 25))
+            if lo is not None and hi is not None:
                 ax.fill_between(s, lo, hi, color=styles[r.name]["color"], alpha=0.25, linewidth=0)
-            labels.append(f"{r.name} (per-sample: mean, min–max band)")
+            labels.append(f"{r.name} (per-sample: {what})")
     if not handles:
         _plt().close(fig)
         return None

@@ -49,3 +49,29 @@ def test_the_accelerator_gets_the_string_no(monkeypatch) -> None:
     monkeypatch.setattr(accelerate, "Accelerator", FakeAccelerator)
     start_accelerator(load_config(TINY, ["train.mixed_precision=no"]).train)
     assert seen["mixed_precision"] == "no" and isinstance(seen["mixed_precision"], str)
+
+
+# ---- the defaults resolved at run time -----------------------------------------------------------
+
+@pytest.mark.parametrize("size", [16, 28, 32, 95, 96, 224])
+def test_the_resolved_augmentation_is_the_one_the_pipelines_use(size: int) -> None:
+    from simclr_tau.config import resolve_defaults
+    from simclr_tau.data.augment import resolve_augment
+
+    cfg = resolve_defaults(load_config(TINY, [f"data.image_size={size}"]))
+    used = resolve_augment(load_config(TINY).augment, size)
+    assert (cfg.augment.crop_scale_min, cfg.augment.blur_p) == (used["crop_scale_min"], used["blur_p"])
+
+
+def test_the_native_image_size_is_the_datasets(tmp_path: Path) -> None:
+    from simclr_tau.config.resolve import native_image_size
+    from simclr_tau.data.datasets import build_pretrain_dataset
+
+    cfg = load_config(TINY, ["data.synthetic_image_size=12"])
+    assert native_image_size(cfg.data) == build_pretrain_dataset(cfg.data).image_size == 12
+    (tmp_path / "a").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "a" / "x.png")
+    folder = load_config(TINY, ["data.name=imagefolder", f"data.root={tmp_path}"]).data
+    assert native_image_size(folder) == build_pretrain_dataset(folder).image_size

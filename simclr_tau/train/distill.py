@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import OmegaConf
 
-from simclr_tau.config import to_yaml
+from simclr_tau.config import resolve_defaults, to_yaml
 from simclr_tau.data.datasets import build_pretrain_dataset, normalization
 from simclr_tau.data.pipeline import EpochSampler
 from simclr_tau.errors import UserError
@@ -99,9 +99,11 @@ def run(cfg: Any, resume: Optional[str] = None) -> Any:
     method, optimizer, core = prepare_method(method, cfg, accelerator)
 
     start_step, wandb_id = restore(core, optimizer, ckpt, accelerator, not_saved=("teacher.",))  # teacher: on disk
+    resolved = resolve_defaults(cfg, image_size)  # the saved configs hold the values used, not `null`
     if is_main:
-        write_run_files(run_dir, {"distill.yaml": to_yaml(cfg), "config.yaml": eval_view_yaml(cfg)}, resume, start_step)
-    record = RunRecord(run_dir, cfg, run_name, is_main, wandb_id)
+        write_run_files(run_dir, {"distill.yaml": to_yaml(resolved), "config.yaml": eval_view_yaml(resolved)}, resume,
+                        start_step)
+    record = RunRecord(run_dir, resolved, run_name, is_main, wandb_id)
 
     trainer = Trainer(cfg, accelerator, method, optimizer, record, run_dir, run_name, steps_per_epoch, total_steps,
                       online_eval=online_knn_fn(cfg, accelerator, core.encoder, image_size, dataset.channels,

@@ -1,4 +1,5 @@
-"""``accelerate launch -m simclr_tau.pretrain CONFIG [a.b=value ...] [--resume auto|RUN_DIR|CKPT]``."""
+"""``accelerate launch -m simclr_tau.pretrain CONFIG [a.b=value ...] [--resume auto|RUN_DIR|CKPT]``
+(``simclr-tau pretrain ...``): overrides may come before or after ``--resume``."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ def build_parser(prog: str = "simclr_tau.pretrain") -> argparse.ArgumentParser:
 
 
 @exit_on_user_error
-def main(argv: Optional[List[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[List[str]] = None, prog: str = "simclr_tau.pretrain") -> None:
+    # intermixed: `CONFIG --resume auto train.epochs=2` works like `CONFIG train.epochs=2 --resume auto`
+    args = build_parser(prog).parse_intermixed_args(argv)
     from simclr_tau.config import load_config
     from simclr_tau.train.pretrain import run
 

@@ -102,7 +102,7 @@ def run(cfg: Any, resume: Optional[str] = None) -> Any:
     resolved = resolve_defaults(cfg, image_size)  # the saved configs hold the values used, not `null`
     if is_main:
         write_run_files(run_dir, {"distill.yaml": to_yaml(resolved), "config.yaml": eval_view_yaml(resolved)}, resume,
-                        start_step)
+                        start_step, image_size)
     record = RunRecord(run_dir, resolved, run_name, is_main, wandb_id)
 
     trainer = Trainer(cfg, accelerator, method, optimizer, record, run_dir, run_name, steps_per_epoch, total_steps,

@@ -71,7 +71,7 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
     start_step, wandb_id = restore(core, optimizer, ckpt, accelerator)
     resolved = resolve_defaults(cfg, image_size)  # config.yaml holds the values used, not `null`
     if is_main:
-        write_run_files(run_dir, {"config.yaml": to_yaml(resolved)}, resume, start_step)
+        write_run_files(run_dir, {"config.yaml": to_yaml(resolved)}, resume, start_step, image_size)
     record = RunRecord(run_dir, resolved, run_name, is_main, wandb_id)
 
     # ---- train -----------------------------------------------------------------------------------

@@ -31,7 +31,10 @@ def main(argv: Optional[List[str]] = None, prog: str = "simclr_tau.distill") -> 
 
     cfg = load_distill_config(args.config, args.overrides)
     result = run(cfg, resume=args.resume)
-    print(f"run directory: {result.run_dir}", flush=True)
+    if result.is_main:  # final loss and τ, the encoder, the next command
+        from simclr_tau.train.progress import run_summary
+
+        print(run_summary(result, "distill"), flush=True)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def run(cfg: Any, resume: Optional[str] = None) -> Any:
                       online_eval=online_knn_fn(cfg, accelerator, core.encoder, image_size, dataset.channels,
                                                 norm.mean, norm.std),
                       not_saved=("teacher.",),
-                      postfix_keys=("train/loss", "train/tau_s", "train/T", "train/images_per_s"))
+                      postfix_keys=("train/loss", "train/tau_s", "train/tau_t", "train/T", "train/images_per_s"))
 
     def batches(epoch: int, skip: int):
         return _with_labels(loader.epoch(epoch, skip, tc.grad_accum), dataset.labels, label_sampler, epoch, skip,
@@ -125,4 +125,4 @@ def run(cfg: Any, resume: Optional[str] = None) -> Any:
     record.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return RunResult(run_dir, step, stopped_early)
+    return RunResult(run_dir, step, stopped_early, total_steps, is_main)

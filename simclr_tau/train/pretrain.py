@@ -89,4 +89,4 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
     record.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return RunResult(run_dir, step, stopped_early)
+    return RunResult(run_dir, step, stopped_early, total_steps, is_main)

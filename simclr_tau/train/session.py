@@ -19,9 +19,14 @@ from simclr_tau.train.optim import build_optimizer, scaled_lr
 
 @dataclass
 class RunResult:
+    """What a run returns: its directory, the last step, whether a signal stopped it before ``total_steps``,
+    and whether this is the main process (the one that prints the end-of-run summary)."""
+
     run_dir: Path
     step: int
     stopped_early: bool = False
+    total_steps: int = 0
+    is_main: bool = True
 
 
 def start_accelerator(tc: Any) -> Any:

@@ -1,4 +1,5 @@
-"""``accelerate launch -m simclr_tau.pretrain CONFIG [a.b=value ...] [--resume auto|RUN_DIR|CKPT]``."""
+"""``accelerate launch -m simclr_tau.pretrain CONFIG [a.b=value ...] [--resume auto|RUN_DIR|CKPT]``
+(``simclr-tau pretrain ...``): overrides may come before or after ``--resume``."""
 
 from __future__ import annotations
 
@@ -18,14 +19,18 @@ def build_parser(prog: str = "simclr_tau.pretrain") -> argparse.ArgumentParser:
 
 
 @exit_on_user_error
-def main(argv: Optional[List[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[List[str]] = None, prog: str = "simclr_tau.pretrain") -> None:
+    # intermixed: `CONFIG --resume auto train.epochs=2` works like `CONFIG train.epochs=2 --resume auto`
+    args = build_parser(prog).parse_intermixed_args(argv)
     from simclr_tau.config import load_config
     from simclr_tau.train.pretrain import run
 
     cfg = load_config(args.config, args.overrides)
     result = run(cfg, resume=args.resume)
-    print(f"run directory: {result.run_dir}", flush=True)
+    if result.is_main:  # final loss and τ, the encoder, the next command
+        from simclr_tau.train.progress import run_summary
+
+        print(run_summary(result, "pretrain"), flush=True)
 
 
 if __name__ == "__main__":

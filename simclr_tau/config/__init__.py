@@ -9,10 +9,13 @@ Data flow: ``load_config(path, overrides)`` -> :class:`Config` -> ``train.pretra
 ``<train.output_dir>/<run name>/config.yaml`` (the resolved config) next to metrics and checkpoints.
 
 Modules: :mod:`~simclr_tau.config.schema` (the dataclasses), :mod:`~simclr_tau.config.validate` (ranges and
-choices), :mod:`~simclr_tau.config.load` (file + overrides -> validated config, YAML, flattening).
+choices), :mod:`~simclr_tau.config.load` (file + overrides -> validated config, YAML, flattening),
+:mod:`~simclr_tau.config.resolve` (the defaults resolved at run time: native image size, size-aware
+augmentation, τ bounds), :mod:`~simclr_tau.config.cli` (``simclr-tau config``: the resolved YAML).
 """
 
 from simclr_tau.config.load import flatten, load_config, load_distill_config, merge_into, to_yaml
+from simclr_tau.config.resolve import resolve_defaults
 from simclr_tau.config.schema import (AdaptiveConfig, AugmentConfig, Config, DataConfig, DROConfig, LossConfig, DistillConfig, DistillObjectiveConfig, EvalConfig,
                                       MixtureConfig, MocoConfig, ModelConfig, OptimConfig, ScheduleConfig, TeacherConfig,
                                       TemperatureConfig, TrainConfig, WandbConfig)
@@ -23,6 +26,6 @@ __all__ = [
     "AdaptiveConfig", "AugmentConfig", "Config", "DROConfig", "LossConfig", "DataConfig", "DistillConfig", "DistillObjectiveConfig", "EvalConfig", "MixtureConfig",
     "MocoConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TeacherConfig", "TemperatureConfig", "TrainConfig",
     "WandbConfig", "DATASETS", "METHODS", "PARAMETRIZATIONS", "SCHEDULE_KINDS", "TEMPERATURE_MODES", "flatten",
-    "load_config", "load_distill_config", "merge_into", "to_yaml", "validate", "validate_distill", "validate_schedule",
+    "load_config", "load_distill_config", "merge_into", "resolve_defaults", "to_yaml", "validate", "validate_distill", "validate_schedule",
     "validate_temperature",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from simclr_tau.config.schema import Config, DistillConfig
@@ -18,6 +18,22 @@ def _omegaconf_error(e: OmegaConfBaseException, source: str) -> UserError:
     key = getattr(e, "full_key", None) or "?"
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     return UserError(f"config {source}: key '{key}': {msg}")
+
+
+# Choice fields whose documented value is the word ``no``: YAML 1.1 (PyYAML, hence OmegaConf, files and
+# a.b=value overrides alike) reads a bare ``no`` (and off / false) as the boolean false, which a str field
+# would then store as 'False'. A false there means "no".
+NO_MEANS_OFF = ("train.mixed_precision",)
+
+
+def _yaml_false_as_no(data: Any) -> Any:
+    """``data`` (a DictConfig from a file or an override) with a boolean false at a :data:`NO_MEANS_OFF`
+    key replaced by the string ``"no"``."""
+    if isinstance(data, DictConfig):
+        for key in NO_MEANS_OFF:
+            if OmegaConf.select(data, key, default=None) is False:
+                OmegaConf.update(data, key, "no", merge=False)
+    return data
 
 
 def merge_into(schema: Any, source: str, data: Any) -> Any:
@@ -32,6 +48,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     """Build a validated config from defaults, an optional YAML file and ``a.b=value`` overrides.
 
     Returns an OmegaConf DictConfig typed by ``schema`` (attribute access, e.g. ``cfg.train.epochs``).
+    ``train.mixed_precision: no`` (a YAML false) reads as the string ``"no"`` (:data:`NO_MEANS_OFF`).
     Raises :class:`UserError` for a missing file, invalid YAML, an unknown key or a wrong type.
     """
     cfg = OmegaConf.structured(schema)
@@ -43,7 +60,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
             file_cfg = OmegaConf.load(p)  # yaml.SafeLoader underneath: no arbitrary objects
         except Exception as e:  # yaml.YAMLError and friends
             raise UserError(f"config {p}: invalid YAML: {str(e).splitlines()[0]}") from None
-        cfg = merge_into(cfg, str(p), file_cfg)
+        cfg = merge_into(cfg, str(p), _yaml_false_as_no(file_cfg))
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' is not of the form key=value (e.g. train.epochs=5)")
@@ -51,7 +68,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
             dot = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as e:
             raise _omegaconf_error(e, f"override '{item}'") from None
-        cfg = merge_into(cfg, f"override '{item}'", dot)
+        cfg = merge_into(cfg, f"override '{item}'", _yaml_false_as_no(dot))
     if schema is Config:
         validate(cfg)
     return cfg

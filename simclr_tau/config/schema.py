@@ -163,7 +163,7 @@ class TrainConfig:
     max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke tests)
     batch_size: int = 256  # global batch (all processes, all accumulation steps)
     grad_accum: int = 1
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str = "no"  # no | bf16 | fp16 (a bare YAML `no` or false means "no")
     seed: int = 0
     log_every: int = 10  # steps between metric logs (tau / loss are read from the device only then)
     save_every_epochs: int = 1

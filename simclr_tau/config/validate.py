@@ -24,6 +24,7 @@ def _positive(value: Optional[float], field_name: str) -> None:
 TEMPERATURE_MODES = ("fixed", "learnable", "conditional", "scheduled", "dro", "adaptive")
 OBJECTIVES = ("contrastive", "dro")
 DRO_TAU_MIN, DRO_TAU_MAX = 0.05, 0.7  # iSogCLR's image bounds: the dro mode's defaults
+CONDITIONAL_TAU_MIN, CONDITIONAL_TAU_MAX = 0.05, 1.0  # a conditional τ's defaults
 PARAMETRIZATIONS = ("log", "softplus", "relu")
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "exponential", "step", "plateau")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic", "mixture")
@@ -65,8 +66,8 @@ def validate_temperature(t: Any, prefix: str = "temperature") -> None:
     if t.mode == "conditional":
         if t.hidden_dim < 1 or t.depth < 1:
             raise UserError(f"{prefix}.hidden_dim and {prefix}.depth must be >= 1")
-        lo = t.tau_min if t.tau_min is not None else 0.05  # ConditionalTemperature's default bounds
-        hi = t.tau_max if t.tau_max is not None else 1.0
+        lo = t.tau_min if t.tau_min is not None else CONDITIONAL_TAU_MIN
+        hi = t.tau_max if t.tau_max is not None else CONDITIONAL_TAU_MAX
         if not lo < t.init < hi:
             raise UserError(f"{prefix}.init={t.init} must lie strictly inside (tau_min, tau_max)=({lo}, {hi}) for a conditional temperature")
     if t.mode == "scheduled":

@@ -35,12 +35,12 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
+from simclr_tau.config.resolve import LARGE_IMAGE, augment_size_defaults  # noqa: F401 (LARGE_IMAGE: re-exported)
 from simclr_tau.errors import UserError
 
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # aspect-ratio range of the random resized crop
 BLUR_SIGMA = (0.1, 2.0)  # range of the Gaussian blur's standard deviation, in pixels
 SOLARIZE_THRESHOLD = 0.5  # on [0, 1] floats; uint8 128 maps to 0.502, 127 to 0.498: same as 128 on uint8
-LARGE_IMAGE = 96  # side (px) from which the ImageNet/STL-10 defaults apply
 
 _PROBABILITIES = ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")
 
@@ -60,12 +60,12 @@ def resolve_augment(cfg: Any, image_size: int) -> dict:
     """
     if int(image_size) < 1:
         raise UserError(f"image_size={image_size} must be >= 1")
-    large = image_size >= LARGE_IMAGE
+    size_defaults = augment_size_defaults(int(image_size))  # the rule: simclr_tau.config.resolve
     s = float(cfg.jitter_strength)
     if not 0.0 <= s <= 5.0:  # hue = 0.1 s must stay within torchvision's [0, 0.5]
         raise UserError(f"augment.jitter_strength={s} must lie in [0, 5] (hue shift 0.1 s <= 0.5)")
     out = {
-        "crop_scale_min": float(cfg.crop_scale_min) if cfg.crop_scale_min is not None else (0.08 if large else 0.2),
+        "crop_scale_min": float(cfg.crop_scale_min) if cfg.crop_scale_min is not None else size_defaults["crop_scale_min"],
         "flip_p": float(cfg.flip_p),
         "brightness": 0.4 * s,
         "contrast": 0.4 * s,
@@ -73,7 +73,7 @@ def resolve_augment(cfg: Any, image_size: int) -> dict:
         "hue": 0.1 * s,
         "jitter_p": float(cfg.jitter_p),
         "grayscale_p": float(cfg.grayscale_p),
-        "blur_p": float(cfg.blur_p) if cfg.blur_p is not None else (0.5 if large else 0.0),
+        "blur_p": float(cfg.blur_p) if cfg.blur_p is not None else size_defaults["blur_p"],
         # SimCLR: 10% of the side, made odd (224 px -> 23); at least 3
         "blur_kernel": max(3, int(0.1 * image_size) // 2 * 2 + 1),
         "solarize_p": float(cfg.solarize_p),

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from simclr_tau.config.resolve import NATIVE_IMAGE_SIZE
 from simclr_tau.errors import UserError
 
 FMNIST_FILES = {
@@ -103,7 +104,7 @@ class FolderImageDataset(ImageDataset):
         self.labels = torch.tensor(self.folder.targets, dtype=torch.long)
         self.classes = list(self.folder.classes)
         self.channels = channels
-        self.image_size = 224
+        self.image_size = NATIVE_IMAGE_SIZE["imagefolder"]  # images differ in size: their views are resized to it
 
     def __getitem__(self, i: int) -> Tuple[Tensor, int]:
         from torchvision.io import ImageReadMode, decode_image

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from simclr_tau.config import AdaptiveConfig, DROConfig, ScheduleConfig, TemperatureConfig, validate_temperature
-from simclr_tau.config.validate import DRO_TAU_MAX, DRO_TAU_MIN
+from simclr_tau.config.resolve import tau_bounds
 from simclr_tau.temperature.dro import DROTemperature, robust_loss
 from simclr_tau.temperature.modules import (
     AdaptiveTemperature,
@@ -56,15 +56,14 @@ def build_temperature(
     if cfg.mode == "learnable":
         return LearnableTemperature(cfg.init, cfg.parametrization, cfg.eps, cfg.tau_min, cfg.tau_max)
     if cfg.mode == "conditional":
-        lo = cfg.tau_min if cfg.tau_min is not None else 0.05
-        hi = cfg.tau_max if cfg.tau_max is not None else 1.0
+        lo, hi = tau_bounds(cfg)
         return ConditionalTemperature(embed_dim, cfg.init, lo, hi, cfg.hidden_dim, cfg.depth, cfg.detach_input,
                                       cfg.objective, cfg.dro.rho)
     if cfg.mode == "dro":
         d = cfg.dro
         decay = d.gamma_decay_epochs
-        return DROTemperature(num_samples, cfg.init, cfg.tau_min if cfg.tau_min is not None else DRO_TAU_MIN,
-                              cfg.tau_max if cfg.tau_max is not None else DRO_TAU_MAX, d.rho, d.eta, d.beta,
+        lo, hi = tau_bounds(cfg)
+        return DROTemperature(num_samples, cfg.init, lo, hi, d.rho, d.eta, d.beta,
                               d.per_sample, d.estimator, d.gamma, d.gamma_schedule,
                               int(round(decay * steps_per_epoch)) if decay is not None else total_steps)
     if cfg.mode == "adaptive":

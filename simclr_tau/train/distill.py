@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import OmegaConf
 
-from simclr_tau.config import to_yaml
+from simclr_tau.config import resolve_defaults, to_yaml
 from simclr_tau.data.datasets import build_pretrain_dataset, normalization
 from simclr_tau.data.pipeline import EpochSampler
 from simclr_tau.errors import UserError
@@ -99,15 +99,17 @@ def run(cfg: Any, resume: Optional[str] = None) -> Any:
     method, optimizer, core = prepare_method(method, cfg, accelerator)
 
     start_step, wandb_id = restore(core, optimizer, ckpt, accelerator, not_saved=("teacher.",))  # teacher: on disk
+    resolved = resolve_defaults(cfg, image_size)  # the saved configs hold the values used, not `null`
     if is_main:
-        write_run_files(run_dir, {"distill.yaml": to_yaml(cfg), "config.yaml": eval_view_yaml(cfg)}, resume, start_step)
-    record = RunRecord(run_dir, cfg, run_name, is_main, wandb_id)
+        write_run_files(run_dir, {"distill.yaml": to_yaml(resolved), "config.yaml": eval_view_yaml(resolved)}, resume,
+                        start_step, image_size)
+    record = RunRecord(run_dir, resolved, run_name, is_main, wandb_id)
 
     trainer = Trainer(cfg, accelerator, method, optimizer, record, run_dir, run_name, steps_per_epoch, total_steps,
                       online_eval=online_knn_fn(cfg, accelerator, core.encoder, image_size, dataset.channels,
                                                 norm.mean, norm.std),
                       not_saved=("teacher.",),
-                      postfix_keys=("train/loss", "train/tau_s", "train/T", "train/images_per_s"))
+                      postfix_keys=("train/loss", "train/tau_s", "train/tau_t", "train/T", "train/images_per_s"))
 
     def batches(epoch: int, skip: int):
         return _with_labels(loader.epoch(epoch, skip, tc.grad_accum), dataset.labels, label_sampler, epoch, skip,
@@ -123,4 +125,4 @@ def run(cfg: Any, resume: Optional[str] = None) -> Any:
     record.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return RunResult(run_dir, step, stopped_early)
+    return RunResult(run_dir, step, stopped_early, total_steps, is_main)

@@ -33,6 +33,7 @@ from simclr_tau.train.checkpoint import (
     prune,
 )
 from simclr_tau.train.optim import lr_at, scaled_lr, set_lr
+from simclr_tau.train.progress import Progress
 
 
 class StopFlag:
@@ -142,14 +143,11 @@ class Trainer:
             ) -> Tuple[int, bool]:
         """Train from ``start_step`` to the end. ``epoch_batches(epoch, skip_steps)`` yields, per optimizer
         step, this process's micro-batches. Returns (last step, stopped early by a signal)."""
-        from tqdm.auto import tqdm
-
         tc, acc, core, method, optimizer = self.tc, self.accelerator, self.core, self.method, self.optimizer
         spe, total = self.steps_per_epoch, self.total_steps
         loss_sum = torch.zeros((), device=acc.device)
         step, stopped_early = start_step, False
-        bar = tqdm(total=total, initial=start_step, disable=not (acc.is_main_process and tc.progress), unit="step",
-                   dynamic_ncols=True, desc=self.run_name[:40])
+        bar = Progress(total, start_step, self.run_name[:40], acc.is_main_process and tc.progress, self.postfix_keys)
         t_log, last_log_step = time.perf_counter(), step
         method.train()
         with StopFlag() as stop:
@@ -173,7 +171,7 @@ class Trainer:
                     optimizer.zero_grad(set_to_none=True)
                     core.after_step(step)
                     step += 1
-                    bar.update(1)
+                    bar.advance()
                     end_of_epoch = step % spe == 0
                     sync_point = step % tc.log_every == 0 or end_of_epoch or step == total
                     # A signal may reach the processes at different steps: they agree on stopping at a common
@@ -185,10 +183,15 @@ class Trainer:
                         t_log, last_log_step = time.perf_counter(), step
                     if (end_of_epoch and self.online_eval is not None and self.cfg.eval.online_knn_every
                             and (step // spe) % self.cfg.eval.online_knn_every == 0):
+                        t_eval = time.perf_counter()
+                        bar.busy(step, "online kNN")
                         knn = self.online_eval()
                         # online_knn/...: a train subset as memory bank, distinct from the final `simclr-tau knn`
                         self.record.log({f"online_{k}": v for k, v in knn.items()}, step, step / spe)
                         core.observe(next(iter(knn.values())))  # a plateau schedule monitors the first top-1
+                        seconds = time.perf_counter() - t_eval
+                        bar.done("online kNN", knn, seconds)
+                        t_log += seconds  # the next images/s window counts training steps, not the kNN
                     if ((end_of_epoch and (step // spe) % tc.save_every_epochs == 0) or step == total
                             or (tc.save_every_steps and step % tc.save_every_steps == 0) or stopping):
                         self.save(step)
@@ -204,7 +207,7 @@ class Trainer:
         return step, stopped_early
 
     def _log(self, step: int, loss_sum: torch.Tensor, logs: Dict[str, Any], seconds: float, n_steps: int,
-             bar: Any) -> None:
+             bar: Progress) -> None:
         bad = self.first_bad_step()  # the one host sync of a logging step
         if bad > 0:
             stop_nonfinite(self.record, bad, self.ckpt_dir)
@@ -223,7 +226,7 @@ class Trainer:
         self.record.log(metrics, step, step / self.steps_per_epoch)
         if getattr(self.core, "last_tau", None) is not None:  # per-sample τ of the last batch
             self.record.log_histogram("train/tau_hist", self.core.last_tau, step)
-        bar.set_postfix({k.split("/")[-1]: f"{float(v):.4g}" for k, v in metrics.items() if k in self.postfix_keys})
+        bar.show(step, step / self.steps_per_epoch, metrics)
         self.check_temperatures(step)
 
     def check_temperatures(self, step: int) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-from simclr_tau.config import to_yaml
+from simclr_tau.config import resolve_defaults, to_yaml
 from simclr_tau.data.datasets import build_pretrain_dataset, normalization
 from simclr_tau.data.pipeline import EpochSampler
 from simclr_tau.methods import build_method
@@ -69,9 +69,10 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
     run_dir = Path(tc.output_dir) / run_name
     ckpt = open_run(run_dir, run_name, resume, accelerator)
     start_step, wandb_id = restore(core, optimizer, ckpt, accelerator)
+    resolved = resolve_defaults(cfg, image_size)  # config.yaml holds the values used, not `null`
     if is_main:
-        write_run_files(run_dir, {"config.yaml": to_yaml(cfg)}, resume, start_step)
-    record = RunRecord(run_dir, cfg, run_name, is_main, wandb_id)
+        write_run_files(run_dir, {"config.yaml": to_yaml(resolved)}, resume, start_step, image_size)
+    record = RunRecord(run_dir, resolved, run_name, is_main, wandb_id)
 
     # ---- train -----------------------------------------------------------------------------------
     trainer = Trainer(cfg, accelerator, method, optimizer, record, run_dir, run_name, steps_per_epoch, total_steps,
@@ -88,4 +89,4 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
     record.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return RunResult(run_dir, step, stopped_early)
+    return RunResult(run_dir, step, stopped_early, total_steps, is_main)

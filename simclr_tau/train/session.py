@@ -19,9 +19,14 @@ from simclr_tau.train.optim import build_optimizer, scaled_lr
 
 @dataclass
 class RunResult:
+    """What a run returns: its directory, the last step, whether a signal stopped it before ``total_steps``,
+    and whether this is the main process (the one that prints the end-of-run summary)."""
+
     run_dir: Path
     step: int
     stopped_early: bool = False
+    total_steps: int = 0
+    is_main: bool = True
 
 
 def start_accelerator(tc: Any) -> Any:
@@ -136,9 +141,73 @@ def restore(core: torch.nn.Module, optimizer: Any, ckpt: Optional[Path], acceler
     return int(state["step"]), state.get("wandb_id") or None
 
 
-def write_run_files(run_dir: Path, files: Dict[str, str], resume: Optional[str], start_step: int) -> None:
-    """Create the run directory with ``files`` (name -> text); on resume, cut metrics.jsonl at ``start_step``."""
+_ABSENT = object()  # a key one of two configs does not have
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else "<absent>" if value is _ABSENT else str(value)
+
+
+def config_changes(old_text: str, new_text: str) -> List[str]:
+    """``key: old -> new`` for each key (flattened, ``a.b``) whose value differs between two config YAMLs."""
+    import yaml
+
+    from simclr_tau.config import flatten
+
+    old, new = flatten(yaml.safe_load(old_text) or {}), flatten(yaml.safe_load(new_text) or {})
+    keys = list(new) + [k for k in old if k not in new]
+    return [f"{k}: {_shown(old.get(k, _ABSENT))} -> {_shown(new.get(k, _ABSENT))}" for k in keys
+            if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+
+
+def _with_resolved_defaults(text: str, image_size: Optional[int]) -> str:
+    """A saved config as a run of this version writes it: the run-time defaults an older version left
+    ``null`` filled in (the same data resolve them to the same values), so they do not count as changes."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from simclr_tau.config import resolve_defaults, to_yaml
+
+    try:
+        return to_yaml(resolve_defaults(OmegaConf.create(yaml.safe_load(text) or {}), image_size))
+    except Exception:  # not a config this version can read: compare it as it is
+        return text
+
+
+def keep_changed_configs(run_dir: Path, files: Dict[str, str], start_step: int,
+                         image_size: Optional[int] = None) -> List[str]:
+    """Before a resumed run overwrites its config files (``files``: name -> new text): keep each one whose
+    values changed as ``<stem>.<start_step>.yaml`` (the config the run had up to that step; ``.<n>`` added if
+    taken) and print one line with the changed keys (those of the first changed file). ``image_size``: the
+    run's, to resolve an older file's ``null`` defaults before comparing. Returns the kept names."""
+    kept, changes = [], []
+    for name, text in files.items():
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        diff = config_changes(_with_resolved_defaults(path.read_text(), image_size), text)
+        if not diff:
+            continue
+        target, n = run_dir / f"{path.stem}.{start_step}{path.suffix}", 0
+        while target.exists():
+            n += 1
+            target = run_dir / f"{path.stem}.{start_step}.{n}{path.suffix}"
+        path.rename(target)
+        kept.append(target.name)
+        changes = changes or diff
+    if kept:
+        print(f"config changed on resume at step {start_step}: {'; '.join(changes)} "
+              f"(the previous config is kept as {', '.join(kept)})", flush=True)
+    return kept
+
+
+def write_run_files(run_dir: Path, files: Dict[str, str], resume: Optional[str], start_step: int,
+                    image_size: Optional[int] = None) -> None:
+    """Create the run directory with ``files`` (name -> text); on resume, cut metrics.jsonl at ``start_step``
+    and keep the previous config files whose values changed (:func:`keep_changed_configs`)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    if resume is not None:
+        keep_changed_configs(run_dir, files, start_step, image_size)
     for name, text in files.items():
         (run_dir / name).write_text(text)
     if resume is not None:

@@ -455,7 +455,7 @@ def test_a_bug_keeps_its_exception_and_traceback(tmp_path: Path, monkeypatch) ->
     from simclr_tau.cli import main
     from simclr_tau.methods.simclr import SimCLR
 
-    def broken_forward(self, x1, x2):
+    def broken_forward(self, *views):  # (x1, x2, index): whatever the loader passes
         raise ZeroDivisionError("a bug inside forward")
 
     monkeypatch.setattr(SimCLR, "forward", broken_forward)

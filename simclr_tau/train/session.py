@@ -15,6 +15,7 @@ import torch
 from simclr_tau.errors import UserError
 from simclr_tau.train.checkpoint import latest_valid_checkpoint, load_checkpoint
 from simclr_tau.train.optim import build_optimizer, scaled_lr
+from simclr_tau.train.run_lock import NoLock, RunLock
 
 
 @dataclass
@@ -53,19 +54,46 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     return p
 
 
-def open_run(run_dir: Path, run_name: str, resume: Optional[str], accelerator: Any) -> Optional[Path]:
-    """Resolve ``--resume`` and refuse to write a fresh run over an old one. Returns the checkpoint or None."""
-    ckpt = resolve_resume(resume, run_dir)
-    if ckpt is None and (run_dir / "metrics.jsonl").exists():
-        if resume != "auto":
-            raise UserError(f"run directory {run_dir} already holds a run; resume it with --resume auto "
-                            "or choose another train.run_name")
-        if accelerator.is_main_process:  # killed before its first checkpoint: redo it from step 0
-            print(f"no valid checkpoint in {run_dir / 'checkpoints'}: restarting {run_name} from step 0", flush=True)
+def lock_run(run_dir: Path, accelerator: Any) -> Any:
+    """The main process takes ``run_dir``'s :class:`~simclr_tau.train.run_lock.RunLock` for the whole group;
+    if another run holds it, every process raises the same UserError (naming the holder). Others get a
+    :class:`~simclr_tau.train.run_lock.NoLock`."""
+    lock: Any = NoLock()
+    refused: Optional[str] = None
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except UserError as e:
+            refused = str(e)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refused = broadcast_object_list([refused])[0]
+    if refused is not None:
+        raise UserError(refused)
+    return lock
+
+
+def open_run(run_dir: Path, run_name: str, resume: Optional[str], accelerator: Any) -> Tuple[Optional[Path], Any]:
+    """Lock the run directory (:func:`lock_run`), resolve ``--resume`` and refuse to write a fresh run over an
+    old one. Returns (the checkpoint or None, the lock: a context manager the run holds until its end)."""
+    lock = lock_run(run_dir, accelerator)
+    try:
+        ckpt = resolve_resume(resume, run_dir)
+        if ckpt is None and (run_dir / "metrics.jsonl").exists():
+            if resume != "auto":
+                raise UserError(f"run directory {run_dir} already holds a run; resume it with --resume auto "
+                                "or choose another train.run_name")
+            if accelerator.is_main_process:  # killed before its first checkpoint: redo it from step 0
+                print(f"no valid checkpoint in {run_dir / 'checkpoints'}: restarting {run_name} from step 0",
+                      flush=True)
+    except BaseException:
+        lock.release()
+        raise
     # every process has looked at the run directory before the main one writes to it (else a slower
     # process would find the new metrics.jsonl and take this fresh run for an old one)
     accelerator.wait_for_everyone()
-    return ckpt
+    return ckpt, lock
 
 
 def truncate_metrics(path: Path, step: int) -> None:

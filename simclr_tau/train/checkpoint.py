@@ -5,7 +5,10 @@ needs ``weights_only=False``, i.e. executing whatever a checkpoint file contains
 tensors and plain containers (model, optimizer, step counters, RNG state as a tensor), so loading a
 checkpoint can never run code, and a pickle payload is refused.
 
-Layout: ``<run>/checkpoints/step_00001234.pt``; the newest ``train.keep_last`` are kept.
+Layout: ``<run>/checkpoints/step_00001234.pt``; the newest ``train.keep_last`` are kept, and never the one just
+written is pruned. A run restarted from step s (an older ``--resume CKPT``, or step 0 after a failed start) first
+moves the checkpoints newer than s, an abandoned lineage, to ``checkpoints/retired-<time>/``
+(:func:`retire_newer`), so that retention and ``--resume auto`` only ever see the current lineage.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import errno
 import os
 import re
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -27,6 +31,14 @@ _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 def checkpoint_path(directory: Path, step: int) -> Path:
     return directory / f"step_{step:08d}.pt"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint's file name says (``step_00001234.pt`` -> 1234)."""
+    m = _NAME.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"not a checkpoint file name: {path}")
+    return int(m.group(1))
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -90,9 +102,31 @@ def latest_valid_checkpoint(directory: Path) -> Optional[Path]:
     return None
 
 
-def prune(directory: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` checkpoints; also remove temporary files a killed save left behind."""
+def retire_newer(directory: Path, step: int) -> Optional[Path]:
+    """Move the checkpoints of ``directory`` newer than ``step`` (an abandoned lineage: the run restarts from
+    ``step``) to ``directory/retired-<time>/``, printing one line. Returns that directory, or None if none."""
+    newer = [p for p in list_checkpoints(directory) if checkpoint_step(p) > step]
+    if not newer:
+        return None
+    retired = directory / f"retired-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while retired.exists():
+        n += 1
+        retired = directory / f"retired-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    retired.mkdir()
+    for p in newer:
+        os.replace(p, retired / p.name)
+    steps = [checkpoint_step(p) for p in newer]
+    print(f"restarting from step {step}: moved {len(newer)} checkpoint(s) of the abandoned attempt (steps "
+          f"{steps[0]}..{steps[-1]}) to {retired}", flush=True)
+    return retired
+
+
+def prune(directory: Path, keep_last: int, keep: Optional[Path] = None) -> None:
+    """Keep the newest ``keep_last`` checkpoints, and ``keep`` (the one just written) whatever its name; also
+    remove temporary files a killed save left behind."""
     for p in list_checkpoints(directory)[:-keep_last]:
-        p.unlink(missing_ok=True)
+        if keep is None or p.name != Path(keep).name:
+            p.unlink(missing_ok=True)
     for p in directory.glob(".step_*.pt.*.tmp"):  # called after our own save completed: none is in flight
         p.unlink(missing_ok=True)

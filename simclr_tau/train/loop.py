@@ -130,11 +130,11 @@ class Trainer:
         if not bool(torch.stack(finite).all()):
             stop_nonfinite(self.record, step, self.ckpt_dir, what="non-finite weights after")
         if self.accelerator.is_main_process:
+            path = checkpoint_path(self.ckpt_dir, step)
             atomic_save({"model": state, "optimizer": self.optimizer.state_dict(), "step": step,
                          "epoch": step / self.steps_per_epoch, "run_name": self.run_name,
-                         "wandb_id": self.record.wandb_id or ""},
-                        checkpoint_path(self.ckpt_dir, step))
-            prune(self.ckpt_dir, self.tc.keep_last)
+                         "wandb_id": self.record.wandb_id or ""}, path)
+            prune(self.ckpt_dir, self.tc.keep_last, keep=path)
         self.accelerator.wait_for_everyone()
 
     # ---- the loop -------------------------------------------------------------------------------

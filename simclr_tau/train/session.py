@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from simclr_tau.errors import UserError
-from simclr_tau.train.checkpoint import latest_valid_checkpoint, load_checkpoint
+from simclr_tau.train.checkpoint import latest_valid_checkpoint, load_checkpoint, retire_newer
 from simclr_tau.train.optim import build_optimizer, scaled_lr
 from simclr_tau.train.run_lock import NoLock, RunLock
 
@@ -165,12 +165,15 @@ def restore(core: torch.nn.Module, optimizer: Any, ckpt: Optional[Path], acceler
 
 
 def write_run_files(run_dir: Path, files: Dict[str, str], resume: Optional[str], start_step: int) -> None:
-    """Create the run directory with ``files`` (name -> text); on resume, cut metrics.jsonl at ``start_step``."""
+    """Create the run directory with ``files`` (name -> text); on resume, cut metrics.jsonl at ``start_step``.
+    Checkpoints newer than ``start_step`` belong to an abandoned attempt: they are retired
+    (:func:`~simclr_tau.train.checkpoint.retire_newer`), so the run's lineage is the one it continues."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         (run_dir / name).write_text(text)
     if resume is not None:
         truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    retire_newer(run_dir / "checkpoints", start_step)
 
 
 def speed_up(method: torch.nn.Module, tc: Any) -> torch.nn.Module:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from simclr_tau.errors import UserError
-from simclr_tau.train.checkpoint import latest_valid_checkpoint, load_checkpoint, retire_newer
+from simclr_tau.train.checkpoint import checkpoint_problem, latest_valid_checkpoint, load_checkpoint, retire_newer
 from simclr_tau.train.optim import build_optimizer, scaled_lr
 from simclr_tau.train.run_lock import NoLock, RunLock
 
@@ -158,6 +158,9 @@ def restore(core: torch.nn.Module, optimizer: Any, ckpt: Optional[Path], acceler
     if ckpt is None:
         return 0, None
     state = load_checkpoint(ckpt)
+    problem = checkpoint_problem(state)
+    if problem is not None:
+        raise UserError(f"--resume {ckpt}: this checkpoint has diverged ({problem}); resume from an earlier one")
     load_training_state(core, optimizer, state, ckpt, not_saved)
     if accelerator.is_main_process:
         print(f"resumed from {ckpt} at step {int(state['step'])}", flush=True)

@@ -170,6 +170,8 @@ def test_without_kernel_locks_the_file_decides(tmp_path: Path, monkeypatch, caps
             with pytest.raises(UserError) as exc:
                 RunLock(tmp_path).acquire()
             assert str(exc.value).startswith(f"run directory {tmp_path} is in use by pid {pid} on host {host} (")
+            assert str(exc.value).endswith(f"this filesystem has no locks: delete {tmp_path / LOCK_NAME} if no run "
+                                           "holds it")
         else:
             lock = RunLock(tmp_path).acquire()
             assert f"took over the stale lock {tmp_path / LOCK_NAME} of pid {pid}" in capsys.readouterr().out

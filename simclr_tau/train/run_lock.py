@@ -8,7 +8,9 @@ holder, so that a refused writer can say who has it.
 - The kernel drops the lock when its process dies, however it dies (SIGKILL, OOM, node reboot on a local disk).
   A later writer then finds the file still naming the dead holder: it takes the lock over and says so.
 - A clean end empties the file (and keeps it): the next writer takes it silently.
-- ``flock`` works across the nodes of an NFS mount (the Linux client maps it to a POSIX lock the server keeps).
+- ``flock`` works across the nodes of an NFS mount (the Linux client maps it to a POSIX lock the server keeps),
+  so a job requeued on another node takes over the lock of one that died with its node. Where locks are local to
+  a node (Lustre mounted ``localflock``), the lock guards against a second writer on the same node only.
   On a filesystem that refuses locks (``ENOLCK``, ``EOPNOTSUPP``) the file alone decides: a holder named on this
   host that is still running refuses the run, a dead one is taken over, one on another host refuses (this
   process cannot see whether it lives); the message says which file to delete when no run holds it.
@@ -82,11 +84,11 @@ class RunLock:
         os.write(fd, (json.dumps(me) + "\n").encode())
         os.fsync(fd)
 
-    def _refuse(self, holder: Dict[str, Any], fd: int) -> None:
+    def _refuse(self, holder: Dict[str, Any], fd: int, kernel_lock: bool = True) -> None:
         os.close(fd)
+        extra = "" if kernel_lock else f"; this filesystem has no locks: delete {self.path} if no run holds it"
         raise UserError(f"run directory {self.path.parent} is in use by {_describe(holder)} ({self.path}): wait for "
-                        "that run to end or choose another train.run_name (delete the lock file only if no run "
-                        "holds it)")
+                        f"that run to end or choose another train.run_name{extra}")
 
     def acquire(self) -> "RunLock":
         """Take the lock; a live holder is a UserError naming it (pid, host). Prints one line when it takes over
@@ -101,7 +103,7 @@ class RunLock:
             holder: Dict[str, Any] = {}
             for _ in range(20):
                 holder = self._read(fd)
-                if holder:
+                if holder and "unreadable" not in holder:  # empty or half-written: not yet
                     break
                 time.sleep(0.05)
             self._refuse(holder, fd)
@@ -115,7 +117,7 @@ class RunLock:
             same_host = previous.get("host") == socket.gethostname()
             pid = previous.get("pid")
             if not same_host or not isinstance(pid, int) or (pid != os.getpid() and pid_alive(pid)):
-                self._refuse(previous, fd)
+                self._refuse(previous, fd, kernel_lock=False)
         self._write(fd)
         self.fd = fd
         if previous:

@@ -341,10 +341,21 @@ def test_no_space_left_while_saving_keeps_the_previous_checkpoint(tmp_path: Path
 
 
 @pytest.mark.parametrize("log_every", [1, 100])  # caught at the log step, or only by the check before a save
-def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path: Path, capsys,
+def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path: Path, capsys, monkeypatch,
                                                                                  log_every: int) -> None:
-    # lr 1e30: step 1 (initial weights) has a finite loss, its update blows the weights up, step 2's loss is NaN
-    line = cli(tmp_path, capsys, "train.run_name=nan", "optim.lr=1e30", "train.save_every_steps=1",
+    # step 2's loss is NaN (and so its update); step 1's state is good. (An lr of 1e30 used to make step 2's loss
+    # NaN, but the weights its step-1 update leaves, ~1e27, are no good state either: see test_divergence.)
+    from simclr_tau.methods.simclr import SimCLR
+
+    forward, calls = SimCLR.forward, []
+
+    def nan_loss_at_step_2(self, *views):
+        loss, logs = forward(self, *views)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss), logs
+
+    monkeypatch.setattr(SimCLR, "forward", nan_loss_at_step_2)
+    line = cli(tmp_path, capsys, "train.run_name=nan", "train.save_every_steps=1",
                "train.keep_last=10", f"train.log_every={log_every}")
     ckpts = tmp_path / "nan" / "checkpoints"
     assert line.startswith(f"error: non-finite loss at step 2; the last good checkpoint {ckpts / 'step_00000001.pt'} "
@@ -455,7 +466,7 @@ def test_a_bug_keeps_its_exception_and_traceback(tmp_path: Path, monkeypatch) ->
     from simclr_tau.cli import main
     from simclr_tau.methods.simclr import SimCLR
 
-    def broken_forward(self, x1, x2):
+    def broken_forward(self, *views):  # (x1, x2, index): whatever the loader passes
         raise ZeroDivisionError("a bug inside forward")
 
     monkeypatch.setattr(SimCLR, "forward", broken_forward)

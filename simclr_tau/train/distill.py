@@ -93,36 +93,37 @@ def run(cfg: Any, resume: Optional[str] = None) -> Any:
     run_name = tc.run_name or (f"distill-{tc.method}-{run_tags(cfg)['tau_mode']}-{cfg.data.name}-{cfg.model.backbone}-"
                                f"{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(tc.output_dir) / run_name
-    ckpt = open_run(run_dir, run_name, resume, accelerator)
-    teacher, teacher_metrics = build_teacher(cfg, dataset, image_size, norm, accelerator, run_dir, ckpt is not None)
-    method = build_distill_method(cfg, teacher, dataset.channels, steps_per_epoch, total_steps)
-    method, optimizer, core = prepare_method(method, cfg, accelerator)
+    ckpt, lock = open_run(run_dir, run_name, resume, accelerator)
+    with lock:  # one writer per run directory, released however the run ends
+        teacher, teacher_metrics = build_teacher(cfg, dataset, image_size, norm, accelerator, run_dir, ckpt is not None)
+        method = build_distill_method(cfg, teacher, dataset.channels, steps_per_epoch, total_steps)
+        method, optimizer, core = prepare_method(method, cfg, accelerator)
 
-    start_step, wandb_id = restore(core, optimizer, ckpt, accelerator, not_saved=("teacher.",))  # teacher: on disk
-    resolved = resolve_defaults(cfg, image_size)  # the saved configs hold the values used, not `null`
-    if is_main:
-        write_run_files(run_dir, {"distill.yaml": to_yaml(resolved), "config.yaml": eval_view_yaml(resolved)}, resume,
-                        start_step, image_size)
-    record = RunRecord(run_dir, resolved, run_name, is_main, wandb_id)
+        start_step, wandb_id = restore(core, optimizer, ckpt, accelerator, not_saved=("teacher.",))  # teacher: on disk
+        resolved = resolve_defaults(cfg, image_size)  # the saved configs hold the values used, not `null`
+        if is_main:
+            write_run_files(run_dir, {"distill.yaml": to_yaml(resolved), "config.yaml": eval_view_yaml(resolved)}, resume,
+                            start_step, image_size)
+        record = RunRecord(run_dir, resolved, run_name, is_main, wandb_id)
 
-    trainer = Trainer(cfg, accelerator, method, optimizer, record, run_dir, run_name, steps_per_epoch, total_steps,
-                      online_eval=online_knn_fn(cfg, accelerator, core.encoder, image_size, dataset.channels,
-                                                norm.mean, norm.std),
-                      not_saved=("teacher.",),
-                      postfix_keys=("train/loss", "train/tau_s", "train/tau_t", "train/T", "train/images_per_s"))
+        trainer = Trainer(cfg, accelerator, method, optimizer, record, run_dir, run_name, steps_per_epoch, total_steps,
+                          online_eval=online_knn_fn(cfg, accelerator, core.encoder, image_size, dataset.channels,
+                                                    norm.mean, norm.std),
+                          not_saved=("teacher.",),
+                          postfix_keys=("train/loss", "train/tau_s", "train/tau_t", "train/T", "train/images_per_s"))
 
-    def batches(epoch: int, skip: int):
-        return _with_labels(loader.epoch(epoch, skip, tc.grad_accum), dataset.labels, label_sampler, epoch, skip,
-                            tc.grad_accum, micro, world, rank)
+        def batches(epoch: int, skip: int):
+            return _with_labels(loader.epoch(epoch, skip, tc.grad_accum), dataset.labels, label_sampler, epoch, skip,
+                                tc.grad_accum, micro, world, rank)
 
-    step, stopped_early = trainer.fit(start_step, batches)
+        step, stopped_early = trainer.fit(start_step, batches)
 
-    if is_main and not stopped_early:
-        save_encoder(run_dir / "encoder.safetensors", core.encoder, cfg.model, dataset.channels, image_size,
-                     norm.mean, norm.std)
-        record.update_summary({"step": step, "epochs": step / steps_per_epoch, "images": step * tc.batch_size,
-                               "final/train_loss": last_metric(run_dir, "train/loss"), **teacher_metrics})
-    record.close()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return RunResult(run_dir, step, stopped_early, total_steps, is_main)
+        if is_main and not stopped_early:
+            save_encoder(run_dir / "encoder.safetensors", core.encoder, cfg.model, dataset.channels, image_size,
+                         norm.mean, norm.std)
+            record.update_summary({"step": step, "epochs": step / steps_per_epoch, "images": step * tc.batch_size,
+                                   "final/train_loss": last_metric(run_dir, "train/loss"), **teacher_metrics})
+        record.close()
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return RunResult(run_dir, step, stopped_early, total_steps, is_main)

@@ -9,7 +9,10 @@ Per optimizer step:
     -> clip -> optimizer.step -> after_step(step) (τ bound projection, EMA update) -> log / checkpoint
 
 The loss and τ stay on the device between log steps (no host sync inside a step): a non-finite loss is
-recorded on the device and checked at the next log or save, and a diverged model is never checkpointed.
+recorded on the device and checked at the next log or save, and a diverged model is never checkpointed: a save
+first checks that the state is good (finite, every model tensor within
+:data:`~simclr_tau.train.checkpoint.MAX_ABS`: a finite loss can hide BatchNorm running variances of 1e33) and
+otherwise stops the run naming the last good checkpoint and what to change.
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ from simclr_tau.errors import UserError
 from simclr_tau.records.writer import RunRecord
 from simclr_tau.temperature import Temperature
 from simclr_tau.train.checkpoint import (
+    MAX_ABS,
     atomic_save,
     checkpoint_path,
+    latest_valid_checkpoint,
     list_checkpoints,
     prune,
+    state_problem,
 )
 from simclr_tau.train.optim import lr_at, scaled_lr, set_lr
 from simclr_tau.train.progress import Progress
@@ -59,16 +65,31 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-def stop_nonfinite(record: RunRecord, step: int, ckpt_dir: Path, what: str = "non-finite loss at") -> None:
-    """Stop a diverged run; ``step`` is numbered as in metrics.jsonl (optimizer steps done)."""
+def divergence_fix(cfg: Any) -> str:
+    """What to change after a divergence, with the run's current values."""
+    clip = cfg.optim.grad_clip
+    clip_hint = "set optim.grad_clip (e.g. 1.0)" if clip is None else f"lower optim.grad_clip (now {clip:g})"
+    return f"Lower optim.lr (now {cfg.optim.lr:g}), {clip_hint}, or raise temperature.tau_min"
+
+
+def stop_nonfinite(record: RunRecord, step: int, ckpt_dir: Path, what: str = "non-finite loss at",
+                   detail: Optional[str] = None, fix: str = "Lower optim.lr, raise temperature.tau_min, or set "
+                   "optim.grad_clip") -> None:
+    """Stop a diverged run; ``step`` is numbered as in metrics.jsonl (optimizer steps done). The message names
+    the newest good checkpoint on disk (the one ``--resume auto`` takes) and ``fix``."""
     record.update_summary({"error": f"{what} step {step}"})
     record.close()
-    kept = list_checkpoints(ckpt_dir)
-    kept_msg = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint was saved before it"
-    raise UserError(
-        f"{what} step {step}; {kept_msg}. "
-        "Lower optim.lr, raise temperature.tau_min, or set optim.grad_clip, then --resume auto"
-    )
+    with warnings.catch_warnings():  # the stop message says it all
+        warnings.simplefilter("ignore")
+        good = latest_valid_checkpoint(ckpt_dir)
+    resume = "--resume auto"
+    if good is not None:
+        kept_msg = f"the last good checkpoint {good} is kept"
+    elif list_checkpoints(ckpt_dir):  # --resume auto skips diverged checkpoints: it starts again
+        kept_msg, resume = f"no good checkpoint is left in {ckpt_dir}", "--resume auto (it restarts from step 0)"
+    else:
+        kept_msg = "no checkpoint was saved before it"
+    raise UserError(f"{what} step {step}{f' ({detail})' if detail else ''}; {kept_msg}. {fix}, then {resume}")
 
 
 def any_process(accelerator: Any, flag: bool) -> bool:
@@ -120,22 +141,30 @@ class Trainer:
         bad = bad[bad >= 0]
         return int(bad.min().item()) + 1 if bad.numel() else -1  # a host sync: only at log / save time
 
+    def state_problem(self, state: Dict[str, Any]) -> Optional[str]:
+        """Why this state may not be checkpointed (see :func:`~simclr_tau.train.checkpoint.state_problem`), or
+        None; the processes agree (BatchNorm statistics differ between them without SyncBN)."""
+        problem = state_problem(state, MAX_ABS) or state_problem(self.optimizer.state_dict(), float("inf"), "optimizer")
+        if self.accelerator.num_processes > 1 and any_process(self.accelerator, problem is not None):
+            problem = problem or "on another process"
+        return problem
+
     def save(self, step: int) -> None:
         # never checkpoint a diverged model: the last checkpoint on disk stays the last good one
         bad = self.first_bad_step()
         if bad > 0:
-            stop_nonfinite(self.record, bad, self.ckpt_dir)
+            stop_nonfinite(self.record, bad, self.ckpt_dir, fix=divergence_fix(self.cfg))
         state = {k: v for k, v in self.core.state_dict().items() if not k.startswith(self.not_saved)}
-        finite = [torch.isfinite(t).all() for t in state.values()
-                  if isinstance(t, torch.Tensor) and t.is_floating_point()]  # (not a τ schedule's extra state)
-        if not bool(torch.stack(finite).all()):
-            stop_nonfinite(self.record, step, self.ckpt_dir, what="non-finite weights after")
+        problem = self.state_problem(state)
+        if problem is not None:
+            stop_nonfinite(self.record, step, self.ckpt_dir, what="diverged state after", detail=problem,
+                           fix=divergence_fix(self.cfg))
         if self.accelerator.is_main_process:
+            path = checkpoint_path(self.ckpt_dir, step)
             atomic_save({"model": state, "optimizer": self.optimizer.state_dict(), "step": step,
                          "epoch": step / self.steps_per_epoch, "run_name": self.run_name,
-                         "wandb_id": self.record.wandb_id or ""},
-                        checkpoint_path(self.ckpt_dir, step))
-            prune(self.ckpt_dir, self.tc.keep_last)
+                         "wandb_id": self.record.wandb_id or ""}, path)
+            prune(self.ckpt_dir, self.tc.keep_last, keep=path)
         self.accelerator.wait_for_everyone()
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -210,7 +239,7 @@ class Trainer:
              bar: Progress) -> None:
         bad = self.first_bad_step()  # the one host sync of a logging step
         if bad > 0:
-            stop_nonfinite(self.record, bad, self.ckpt_dir)
+            stop_nonfinite(self.record, bad, self.ckpt_dir, fix=divergence_fix(self.cfg))
         metrics = {
             # mean over processes = the loss of the global batch
             "train/loss": (self.accelerator.reduce(loss_sum, reduction="mean") / n_steps).item(),

@@ -67,26 +67,27 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
     # ---- run directory, resume ---------------------------------------------------------------
     run_name = tc.run_name or default_run_name(cfg)
     run_dir = Path(tc.output_dir) / run_name
-    ckpt = open_run(run_dir, run_name, resume, accelerator)
-    start_step, wandb_id = restore(core, optimizer, ckpt, accelerator)
-    resolved = resolve_defaults(cfg, image_size)  # config.yaml holds the values used, not `null`
-    if is_main:
-        write_run_files(run_dir, {"config.yaml": to_yaml(resolved)}, resume, start_step, image_size)
-    record = RunRecord(run_dir, resolved, run_name, is_main, wandb_id)
+    ckpt, lock = open_run(run_dir, run_name, resume, accelerator)
+    with lock:  # one writer per run directory, released however the run ends
+        start_step, wandb_id = restore(core, optimizer, ckpt, accelerator)
+        resolved = resolve_defaults(cfg, image_size)  # config.yaml holds the values used, not `null`
+        if is_main:
+            write_run_files(run_dir, {"config.yaml": to_yaml(resolved)}, resume, start_step, image_size)
+        record = RunRecord(run_dir, resolved, run_name, is_main, wandb_id)
 
-    # ---- train -----------------------------------------------------------------------------------
-    trainer = Trainer(cfg, accelerator, method, optimizer, record, run_dir, run_name, steps_per_epoch, total_steps,
-                      online_eval=online_knn_fn(cfg, accelerator, core.encoder, image_size, dataset.channels,
-                                                norm.mean, norm.std) if cfg.data.name != "mixture" else None,
-                      data_metrics=getattr(sampler, "log_metrics", None))
-    step, stopped_early = trainer.fit(start_step, lambda epoch, skip: loader.epoch(epoch, skip, tc.grad_accum))
+        # ---- train -----------------------------------------------------------------------------------
+        trainer = Trainer(cfg, accelerator, method, optimizer, record, run_dir, run_name, steps_per_epoch, total_steps,
+                          online_eval=online_knn_fn(cfg, accelerator, core.encoder, image_size, dataset.channels,
+                                                    norm.mean, norm.std) if cfg.data.name != "mixture" else None,
+                          data_metrics=getattr(sampler, "log_metrics", None))
+        step, stopped_early = trainer.fit(start_step, lambda epoch, skip: loader.epoch(epoch, skip, tc.grad_accum))
 
-    if is_main and not stopped_early:
-        save_encoder(run_dir / "encoder.safetensors", core.encoder, cfg.model, dataset.channels, image_size,
-                     norm.mean, norm.std)
-        record.update_summary({"step": step, "epochs": step / steps_per_epoch, "images": step * tc.batch_size,
-                               "final/train_loss": last_metric(run_dir, "train/loss")})
-    record.close()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return RunResult(run_dir, step, stopped_early, total_steps, is_main)
+        if is_main and not stopped_early:
+            save_encoder(run_dir / "encoder.safetensors", core.encoder, cfg.model, dataset.channels, image_size,
+                         norm.mean, norm.std)
+            record.update_summary({"step": step, "epochs": step / steps_per_epoch, "images": step * tc.batch_size,
+                                   "final/train_loss": last_metric(run_dir, "train/loss")})
+        record.close()
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return RunResult(run_dir, step, stopped_early, total_steps, is_main)

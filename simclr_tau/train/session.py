@@ -13,8 +13,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from simclr_tau.errors import UserError
-from simclr_tau.train.checkpoint import latest_valid_checkpoint, load_checkpoint
+from simclr_tau.train.checkpoint import checkpoint_problem, latest_valid_checkpoint, load_checkpoint, retire_newer
 from simclr_tau.train.optim import build_optimizer, scaled_lr
+from simclr_tau.train.run_lock import NoLock, RunLock
 
 
 @dataclass
@@ -58,19 +59,46 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     return p
 
 
-def open_run(run_dir: Path, run_name: str, resume: Optional[str], accelerator: Any) -> Optional[Path]:
-    """Resolve ``--resume`` and refuse to write a fresh run over an old one. Returns the checkpoint or None."""
-    ckpt = resolve_resume(resume, run_dir)
-    if ckpt is None and (run_dir / "metrics.jsonl").exists():
-        if resume != "auto":
-            raise UserError(f"run directory {run_dir} already holds a run; resume it with --resume auto "
-                            "or choose another train.run_name")
-        if accelerator.is_main_process:  # killed before its first checkpoint: redo it from step 0
-            print(f"no valid checkpoint in {run_dir / 'checkpoints'}: restarting {run_name} from step 0", flush=True)
+def lock_run(run_dir: Path, accelerator: Any) -> Any:
+    """The main process takes ``run_dir``'s :class:`~simclr_tau.train.run_lock.RunLock` for the whole group;
+    if another run holds it, every process raises the same UserError (naming the holder). Others get a
+    :class:`~simclr_tau.train.run_lock.NoLock`."""
+    lock: Any = NoLock()
+    refused: Optional[str] = None
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except UserError as e:
+            refused = str(e)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refused = broadcast_object_list([refused])[0]
+    if refused is not None:
+        raise UserError(refused)
+    return lock
+
+
+def open_run(run_dir: Path, run_name: str, resume: Optional[str], accelerator: Any) -> Tuple[Optional[Path], Any]:
+    """Lock the run directory (:func:`lock_run`), resolve ``--resume`` and refuse to write a fresh run over an
+    old one. Returns (the checkpoint or None, the lock: a context manager the run holds until its end)."""
+    lock = lock_run(run_dir, accelerator)
+    try:
+        ckpt = resolve_resume(resume, run_dir)
+        if ckpt is None and (run_dir / "metrics.jsonl").exists():
+            if resume != "auto":
+                raise UserError(f"run directory {run_dir} already holds a run; resume it with --resume auto "
+                                "or choose another train.run_name")
+            if accelerator.is_main_process:  # killed before its first checkpoint: redo it from step 0
+                print(f"no valid checkpoint in {run_dir / 'checkpoints'}: restarting {run_name} from step 0",
+                      flush=True)
+    except BaseException:
+        lock.release()
+        raise
     # every process has looked at the run directory before the main one writes to it (else a slower
     # process would find the new metrics.jsonl and take this fresh run for an old one)
     accelerator.wait_for_everyone()
-    return ckpt
+    return ckpt, lock
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -135,6 +163,9 @@ def restore(core: torch.nn.Module, optimizer: Any, ckpt: Optional[Path], acceler
     if ckpt is None:
         return 0, None
     state = load_checkpoint(ckpt)
+    problem = checkpoint_problem(state)
+    if problem is not None:
+        raise UserError(f"--resume {ckpt}: this checkpoint has diverged ({problem}); resume from an earlier one")
     load_training_state(core, optimizer, state, ckpt, not_saved)
     if accelerator.is_main_process:
         print(f"resumed from {ckpt} at step {int(state['step'])}", flush=True)
@@ -204,7 +235,9 @@ def keep_changed_configs(run_dir: Path, files: Dict[str, str], start_step: int,
 def write_run_files(run_dir: Path, files: Dict[str, str], resume: Optional[str], start_step: int,
                     image_size: Optional[int] = None) -> None:
     """Create the run directory with ``files`` (name -> text); on resume, cut metrics.jsonl at ``start_step``
-    and keep the previous config files whose values changed (:func:`keep_changed_configs`)."""
+    and keep the previous config files whose values changed (:func:`keep_changed_configs`). Checkpoints newer
+    than ``start_step`` belong to an abandoned attempt: they are retired
+    (:func:`~simclr_tau.train.checkpoint.retire_newer`), so the run's lineage is the one it continues."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume is not None:
         keep_changed_configs(run_dir, files, start_step, image_size)
@@ -212,6 +245,7 @@ def write_run_files(run_dir: Path, files: Dict[str, str], resume: Optional[str],
         (run_dir / name).write_text(text)
     if resume is not None:
         truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    retire_newer(run_dir / "checkpoints", start_step)
 
 
 def speed_up(method: torch.nn.Module, tc: Any) -> torch.nn.Module:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simclr_tau.config import flatten, load_config
+from simclr_tau.config import flatten, load_config, resolve_defaults
 from simclr_tau.records.writer import run_tags, wandb_mode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,7 +115,9 @@ def test_training_and_evaluation_reach_the_same_wandb_run(fake_wandb_init, tmp_p
     assert kw["tags"] == ["method:simclr", "tau_mode:conditional", "dataset:synthetic", "backbone:resnet10t", "study-1"]
     assert (kw["entity"], kw["project"]) == ("tau-team", "tau-study")
     assert kw["mode"] == "offline" and kw["resume"] == "allow" and kw["dir"] == str(run_dir)
-    assert flatten(kw["config"]) == summary(run_dir)["config"] == flatten(cfg)
+    # the config the run used: its run-time defaults (image size, size-aware augmentation, τ bounds) resolved
+    assert flatten(kw["config"]) == summary(run_dir)["config"] == flatten(resolve_defaults(cfg, 16))
+    assert summary(run_dir)["config"]["data.image_size"] == 16 and flatten(cfg)["data.image_size"] is None
     assert wrun.step_metric == ("*", "step") and wrun.finished
     # every metrics.jsonl row, as is; a per-sample τ histogram at every logging step
     scalar_rows = [r for r in wrun.logged if "train/tau_hist" not in r]

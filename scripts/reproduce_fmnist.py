@@ -13,6 +13,7 @@ Runs (one backbone, budget and seed set per preset; the preset's two configs hol
     simclr-conditional              per-sample τ from an MLP on the (detached) projection, init 0.2, in [0.05, 1]
     simclr-cosine                   scheduled τ: cosine from 0.5 down to 0.1 over the run
     simclr-dro-{global,per-sample,per-sample-sogclr}   τ by the robust (iSogCLR) objective, init 0.2 in [0.05, 0.7]
+    simclr-dro-*-rho1               the same with ρ = 1 (and η = 0.05 for per-sample τ)
     simclr-conditional-dro          TempNet-style τ head trained by the robust objective
     simclr-adaptive                 MACL's alignment-following τ, τ_0 = 0.2
     simclr-dcl-fixed-0.2            decoupled NT-Xent (DCL), fixed τ 0.2
@@ -82,6 +83,14 @@ RUNS: Dict[str, Dict[str, Any]] = {
     "simclr-dro-per-sample": {"method": "simclr", "overrides": DRO + ["temperature.dro.per_sample=true"]},
     "simclr-dro-per-sample-sogclr": {"method": "simclr", "overrides": DRO + ["temperature.dro.per_sample=true",
                                                                                "temperature.dro.estimator=sogclr"]},
+    # ρ = 1: iSogCLR's default ρ = 0.3 settles τ at ~0.44 on this data (KL(p‖U) at τ = 0.2 is ~0.9 with 510
+    # negatives); per-sample τ_i get one step per epoch, so η = 0.05 lets them move within 6 epochs
+    "simclr-dro-global-rho1": {"method": "simclr", "overrides": DRO + ["temperature.dro.rho=1.0"]},
+    "simclr-dro-per-sample-rho1": {"method": "simclr", "overrides": DRO + ["temperature.dro.per_sample=true",
+                                                                             "temperature.dro.rho=1.0", "temperature.dro.eta=0.05"]},
+    "simclr-dro-per-sample-sogclr-rho1": {"method": "simclr", "overrides": DRO + [
+        "temperature.dro.per_sample=true", "temperature.dro.estimator=sogclr", "temperature.dro.rho=1.0",
+        "temperature.dro.eta=0.05"]},
     "simclr-conditional-dro": {"method": "simclr", "overrides": ["temperature.mode=conditional", "temperature.objective=dro",
                                                                  "temperature.init=0.2", "temperature.tau_min=0.05",
                                                                  "temperature.tau_max=1.0"]},
@@ -98,6 +107,12 @@ SPREAD_RUNS = ["simclr-fixed-0.2", "simclr-learnable-log"]
 PAPER_BASELINES = {"SVC (rbf, C=10)": 89.7, "KNeighbors (k=5, L1, distance)": 85.4, "LogisticRegression (C=1, L1)": 84.2}
 
 
+
+TAU_STATS = ("tau_p1", "tau_p50", "tau_p99", "tau_at_min", "tau_at_max")
+REFERENCE = "simclr-fixed-0.2"  # what every learned τ is paired against
+# two-sided 95 % quantiles of Student's t, by degrees of freedom (scipy is not a dependency)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
 
 # the figures of a row besides the kNN columns: metric names of the run record (summary.json)
 FIGURES = ("linear/test_top1", "calib/ece_before", "calib/ece_after", "diag/alignment", "diag/uniformity",
@@ -236,6 +251,9 @@ def run_row(job: Job, seconds: Dict[Tuple[str, str], float]) -> Dict[str, Any]:
     r = load_run_dir(job.run_dir)
     row.update({k: v for k, v in r.final.items() if k.startswith("knn/top1_") or k in FIGURES})
     row["tau"] = final_tau(r)  # scalar τ, or the batch mean of a per-sample τ
+    for k in TAU_STATS:  # a dro τ's state: quantiles of all τ_i, the fraction of them at a bound
+        if f"train/{k}" in r.final:
+            row[k] = r.final[f"train/{k}"]
     pre = seconds.get((job.label, "pretrain"))
     row["pretrain_min"] = None if pre is None else pre / 60
     return row
@@ -274,7 +292,7 @@ def aggregate(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for name in dict.fromkeys(r["run"] for r in rows):
         group = [r for r in rows if r["run"] == name and knn_columns([r])]  # a seed still training does not count
         agg: Dict[str, Any] = {"run": name, "seeds": [r["seed"] for r in group], "mean": {}, "std": {}}
-        for key in [*knn_columns(group), *FIGURES, "tau", "pretrain_min"]:
+        for key in [*knn_columns(group), *FIGURES, "tau", *TAU_STATS, "pretrain_min"]:
             vals = [r[key] for r in group if r.get(key) is not None]
             agg["mean"][key] = statistics.fmean(vals) if vals else None
             agg["std"][key] = statistics.stdev(vals) if len(vals) > 1 else None
@@ -348,6 +366,70 @@ def verdict(agg: List[Dict[str, Any]], baselines: List[Dict[str, Any]]) -> List[
     return out
 
 
+def t975(df: int) -> float:
+    """Student's t two-sided 95 % quantile for ``df`` degrees of freedom (the next tabulated df below)."""
+    return T975[max(d for d in T975 if d <= df)] if df < 30 else 1.96 + 2.4 / df
+
+
+def paired_differences(rows: List[Dict[str, Any]], keys: Sequence[str], reference: str = REFERENCE
+                       ) -> List[Dict[str, Any]]:
+    """Each setting minus ``reference`` on the seeds both ran (same seed = same data order, augmentations and
+    initialization): mean difference, sample std, 95 % t-interval, verdict (better / worse when the interval
+    excludes 0, else no evidence), per metric."""
+    ref = {r["seed"]: r for r in rows if r["run"] == reference and knn_columns([r])}
+    out = []
+    for name in dict.fromkeys(r["run"] for r in rows if r["run"] != reference):
+        mine = {r["seed"]: r for r in rows if r["run"] == name and knn_columns([r])}
+        seeds = sorted(set(mine) & set(ref))
+        for key in keys:
+            d = [mine[s][key] - ref[s][key] for s in seeds if mine[s].get(key) is not None and ref[s].get(key) is not None]
+            entry = {"run": name, "metric": key, "seeds": seeds, "n": len(d), "mean": statistics.fmean(d) if d else None}
+            if len(d) >= 2:
+                sd = statistics.stdev(d)
+                half = t975(len(d) - 1) * sd / len(d) ** 0.5
+                lo, hi = entry["mean"] - half, entry["mean"] + half
+                entry.update(std=sd, lo=lo, hi=hi, verdict="better" if lo > 0 else "worse" if hi < 0 else "no evidence")
+            else:
+                entry.update(std=None, lo=None, hi=None, verdict="one seed: no interval")
+            out.append(entry)
+    return out
+
+
+def paired_table(diffs: List[Dict[str, Any]], keys: Sequence[str]) -> str:
+    if not diffs:
+        return ""
+    head = ["run", "seeds", *[f"Δ {knn_label(k) if k.startswith('knn/') else 'linear'}" for k in keys]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in dict.fromkeys(d["run"] for d in diffs):
+        cells = [name]
+        ds = {d["metric"]: d for d in diffs if d["run"] == name}
+        cells.append(",".join(map(str, next(iter(ds.values()))["seeds"])))
+        for k in keys:
+            d = ds.get(k)
+            if d is None or d["mean"] is None:
+                cells.append("–")
+            elif d["lo"] is None:
+                cells.append(f"{d['mean']:+.2f} ({d['verdict']})")
+            else:
+                cells.append(f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] {d['verdict']}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tau_table(agg: List[Dict[str, Any]]) -> str:
+    """τ statistics of the runs whose τ has state (dro per-sample: quantiles of all τ_i and the bounds)."""
+    rows = [a for a in agg if a["mean"].get("tau_p50") is not None or a["mean"].get("tau_at_min") is not None]
+    if not rows:
+        return ""
+    lines = ["| run | final τ (scalar or batch mean) | τ_i p1 / p50 / p99 | fraction of τ at τ_min / τ_max |", "|---|---|---|---|"]
+    for a in rows:
+        m = a["mean"]
+        q = " / ".join(_fmt(m.get(k), None, 3) for k in ("tau_p1", "tau_p50", "tau_p99")) if m.get("tau_p50") is not None else "–"
+        lines.append(f"| {a['run']} | {_fmt(m['tau'], a['std'].get('tau'), 4)} | {q} | "
+                     f"{_fmt(m.get('tau_at_min'), None, 3)} / {_fmt(m.get('tau_at_max'), None, 3)} |")
+    return "\n".join(lines)
+
+
 def machine() -> str:
     import torch
 
@@ -361,16 +443,22 @@ def write_results(args: argparse.Namespace, jobs: List[Job], wall_s: float, wall
     rows = [run_row(j, seconds) for j in jobs]
     agg, base = aggregate(rows), ([] if args.no_baselines else baseline_rows(args, jobs))
     notes = verdict(agg, base)
+    keys = [*knn_columns(rows), "linear/test_top1"]
+    diffs = paired_differences(rows, keys)
     cmd = shlex.join([Path(sys.executable).name, *sys.argv])
     md = "\n".join([
         f"# Fashion-MNIST τ study ({args.preset} preset)", "",
         f"Command: `{cmd}`  ", f"Machine: {machine()}  ", f"Time: {wall_s / 60:.1f} min ({wall_what})", "",
         "Test-set top-1 (%) on the 10k Fashion-MNIST test images; mean ± sample std over seeds where several ran.", "",
         markdown_table(agg, base), "", *[f"- {n}" for n in notes], "",
+        *([f"Paired differences to {REFERENCE} (same seeds), mean [95 % t-interval] and verdict:", "",
+           paired_table(diffs, keys), ""] if diffs else []),
+        *(["τ statistics at the end of training (mean over seeds):", "", tau_table(agg), ""] if tau_table(agg) else []),
         "Plots: `compare/` (kNN vs epoch, loss and τ vs step, final metrics), `compare/report.html`.", ""])
     out = Path(args.out)
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"rows": rows, "aggregate": agg, "baselines": base, "verdict": notes,
+                                                  "paired": diffs,
                                                   "machine": machine(), "wall_s": wall_s, "command": cmd}, indent=2))
     return md
 

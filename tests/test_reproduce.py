@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +52,11 @@ def test_dry_run_plans_every_setting_with_valid_configs(tmp_path, preset) -> Non
         t = cfg.temperature
         mode = (t.mode, t.init if t.mode != "scheduled" else None, t.parametrization if t.mode == "learnable" else None,
                 (t.schedule.kind, t.schedule.start, t.schedule.end) if t.mode == "scheduled" else None)
+        if t.mode == "dro" or t.objective == "dro":
+            d = t.dro
+            mode = (*mode, (t.objective, d.per_sample, d.estimator, d.rho, d.eta))
+        elif cfg.loss.decoupled:
+            mode = (*mode, "decoupled")
         seen.add((cfg.train.method, mode))
         assert cfg.train.run_name.endswith(f"-s{cfg.train.seed}") and cfg.train.output_dir == str(tmp_path)
         if preset == "gpu":
@@ -60,6 +67,14 @@ def test_dry_run_plans_every_setting_with_valid_configs(tmp_path, preset) -> Non
         ("simclr", ("learnable", 0.2, "softplus", None)), ("simclr", ("learnable", 0.2, "relu", None)),
         ("simclr", ("conditional", 0.2, None, None)), ("simclr", ("scheduled", None, None, ("cosine", 0.5, 0.1))),
         ("mocov2", ("fixed", 0.2, None, None)), ("mocov2", ("learnable", 0.2, "log", None)),
+        ("simclr", ("dro", 0.2, None, None, ("contrastive", False, "batch", 0.3, 0.01))),
+        ("simclr", ("dro", 0.2, None, None, ("contrastive", True, "batch", 0.3, 0.01))),
+        ("simclr", ("dro", 0.2, None, None, ("contrastive", True, "sogclr", 0.3, 0.01))),
+        ("simclr", ("dro", 0.2, None, None, ("contrastive", False, "batch", 1.0, 0.01))),
+        ("simclr", ("dro", 0.2, None, None, ("contrastive", True, "batch", 1.0, 0.05))),
+        ("simclr", ("dro", 0.2, None, None, ("contrastive", True, "sogclr", 1.0, 0.05))),
+        ("simclr", ("conditional", 0.2, None, None, ("dro", False, "batch", 0.3, 0.01))),
+        ("simclr", ("adaptive", 0.2, None, None)), ("simclr", ("fixed", 0.2, None, None, "decoupled")),
     }
 
 
@@ -127,3 +142,24 @@ def test_study_runs_evaluates_tabulates_and_restarts(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (out / "results.md").read_text()
     assert "sum of the recorded step times" in md and "| simclr-learnable-log | 0,1 |" in md
+
+
+def test_paired_differences_use_common_seeds_and_a_t_interval() -> None:
+    K = "knn/top1_k20_t0.07"
+    rows = [{"run": "simclr-fixed-0.2", "seed": s, K: v} for s, v in ((0, 80.0), (1, 81.0), (2, 82.0))]
+    rows += [{"run": "a", "seed": s, K: v} for s, v in ((0, 81.0), (1, 82.5), (2, 83.0))]  # +1, +1.5, +1
+    rows += [{"run": "b", "seed": s, K: v} for s, v in ((0, 79.0), (1, 83.0))]  # -1, +2: no evidence
+    rows += [{"run": "c", "seed": 5, K: 90.0}]  # no common seed
+    repro = _module()
+    diffs = {d["run"]: d for d in repro.paired_differences(rows, [K])}
+    a = diffs["a"]
+    sd = statistics.stdev([1.0, 1.5, 1.0])
+    assert a["seeds"] == [0, 1, 2] and a["mean"] == pytest.approx(7 / 6)
+    assert a["hi"] - a["mean"] == pytest.approx(4.303 * sd / math.sqrt(3))  # t_{0.975, 2}
+    assert a["verdict"] == "better"
+    assert diffs["b"]["verdict"] == "no evidence" and diffs["b"]["lo"] < 0 < diffs["b"]["hi"]
+    assert diffs["c"]["n"] == 0 and diffs["c"]["mean"] is None
+    worse = repro.paired_differences([*rows[:3], *[{"run": "w", "seed": s, K: 70.0 + s} for s in (0, 1, 2)]], [K])
+    assert worse[0]["verdict"] == "worse"
+    table = repro.paired_table(list(diffs.values()), [K])
+    assert "| a | 0,1,2 | +1.17 [" in table and "better" in table

@@ -9,7 +9,6 @@ import re
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from simclr_tau.cli import main

@@ -31,9 +31,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # lightly_recipe
 
 from simclr_tau.config import load_config  # noqa: E402
 from simclr_tau.train.pretrain import run  # noqa: E402
@@ -56,65 +58,18 @@ def measure_lightly(config: str, steps: int, log_every: int, overrides: list[str
     """lightly's SimCLR recipe, same backbone / batch / τ / SGD / augmentation, in a plain loop."""
     import time
 
-    import numpy as np
-    from lightly.loss import NTXentLoss
-    from lightly.models.modules import SimCLRProjectionHead
-    from lightly.transforms import SimCLRTransform
-    from PIL import Image
-    from torch.utils.data import DataLoader, Dataset
+    from lightly_recipe import build_lightly_simclr, train_step
 
-    from simclr_tau.data.augment import resolve_augment
-    from simclr_tau.data.datasets import build_pretrain_dataset, normalization
-    from simclr_tau.models import build_encoder
-    from simclr_tau.train.optim import scaled_lr
-
-    cfg = load_config(config, overrides)
-    ds = build_pretrain_dataset(cfg.data)
-    norm = normalization(cfg.data.name, ds)
-    size = cfg.data.image_size or ds.image_size
-    a = resolve_augment(cfg.augment, size)
-    transform = SimCLRTransform(
-        input_size=size, cj_prob=a["jitter_p"], cj_strength=a["brightness"] / 0.8, cj_bright=0.8, cj_contrast=0.8,
-        cj_sat=0.8, cj_hue=0.2, min_scale=a["crop_scale_min"], random_gray_scale=a["grayscale_p"],
-        gaussian_blur=a["blur_p"], hf_prob=a["flip_p"], vf_prob=0.0, rr_prob=0.0,
-        normalize={"mean": norm.mean, "std": norm.std},
-    )
-
-    class PilDataset(Dataset):
-        def __len__(self) -> int:
-            return len(ds)
-
-        def __getitem__(self, i: int):
-            x = ds.images[i].permute(1, 2, 0).numpy()
-            img = Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x)
-            return transform(img)
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loader = DataLoader(PilDataset(), batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-                        pin_memory=device.type == "cuda")
-    backbone, dim = build_encoder(cfg.model, ds.channels)
-    head = SimCLRProjectionHead(dim, cfg.model.proj_hidden_dim, cfg.model.proj_dim)
-    model = torch.nn.Sequential(backbone, head).to(device)
-    amp = cfg.train.mixed_precision  # the same autocast as ours: the comparison is about the data path
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=amp != "no")
-    loss_fn = NTXentLoss(temperature=cfg.temperature.init)
-    opt = torch.optim.SGD(model.parameters(), lr=scaled_lr(cfg.optim, cfg.train.batch_size), momentum=0.9,
-                          weight_decay=cfg.optim.weight_decay)
+    r = build_lightly_simclr(load_config(config, overrides))
     rates, t0, done = [], time.perf_counter(), 0
-    for x1, x2 in loader:
-        x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
-        with autocast:
-            loss = loss_fn(model(x1), model(x2))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    for x1, x2 in r.loader:
+        train_step(r, x1, x2)
         done += 1
         if done % log_every == 0:
-            if device.type == "cuda":
+            if r.device.type == "cuda":
                 torch.cuda.synchronize()
             now = time.perf_counter()
-            rates.append(log_every * cfg.train.batch_size / (now - t0))
+            rates.append(log_every * r.loader.batch_size / (now - t0))
             t0 = now
         if done == steps:
             break

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from simclr_tau.evaluation.targets import Target
+from simclr_tau.fileio import atomic_write
 
 
 def _json_safe(v: Any) -> Any:
@@ -22,11 +23,8 @@ def _json_safe(v: Any) -> Any:
 
 
 def write_json(path: Path, payload: Dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_json_safe(payload), indent=2, sort_keys=True))
-    tmp.replace(path)
-    return path
+    text = json.dumps(_json_safe(payload), indent=2, sort_keys=True)
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def update_run_summary(t: Target, values: Dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ from torch import nn
 
 from simclr_tau.config import ModelConfig
 from simclr_tau.errors import UserError
+from simclr_tau.fileio import atomic_write
 from simclr_tau.models.encoder import (build_encoder, check_backbone_kwargs, check_model_name, encoder_state_dict,
                                        load_encoder_weights)
 
@@ -51,8 +52,9 @@ def save_encoder(
         "mean": json.dumps(list(mean)),
         "std": json.dumps(list(std)),
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(encoder_state_dict(encoder), str(path), metadata=meta)
+    state = encoder_state_dict(encoder)
+    # safetensors writes mode 0600; atomic_write gives the usual 0644 (umask 022) and never half a file
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
 def _model_fields() -> Dict[str, type]:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from simclr_tau.config import flatten
+from simclr_tau.fileio import atomic_write
 
 # Seconds wandb.init may wait for the server before the run goes on with the local record only.
 INIT_TIMEOUT_ENV = "SIMCLR_TAU_WANDB_INIT_TIMEOUT"
@@ -184,9 +185,8 @@ class RunRecord:
         summary["config"] = flatten(self.cfg)
         if self.wandb_id:
             summary["wandb_id"] = self.wandb_id
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        text = json.dumps(summary, indent=2, sort_keys=True)
+        atomic_write(path, lambda tmp: tmp.write_text(text))
         if self.wandb_run is not None:
             try:
                 self.wandb_run.summary.update({k: _jsonable(v) for k, v in values.items()})

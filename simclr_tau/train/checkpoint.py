@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from simclr_tau.errors import UserError
+from simclr_tau.fileio import atomic_write
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
@@ -92,6 +92,11 @@ def checkpoint_problem(state: Any) -> Optional[str]:
         state_problem(state.get("optimizer", {}), float("inf"), "optimizer")
 
 
+def _torch_save(obj: Any, tmp: Path) -> None:
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same directory, fsync, then rename over ``path``.
 
@@ -99,22 +104,9 @@ def atomic_save(obj: Any, path: Path) -> None:
     temporary file is removed on failure (a SIGKILL can leave one behind: :func:`prune` removes it).
     A full disk or quota is a :class:`UserError` (the user frees space and resumes), not a traceback.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(path, lambda tmp: _torch_save(obj, tmp), fsync=True)
     except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(f"no space left on device while saving {path} ({os.strerror(e.errno)}); the previous "
                             "checkpoint is intact: free disk space (or lower train.keep_last), then --resume auto"

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from simclr_tau.config import ModelConfig
 from simclr_tau.errors import UserError
+from simclr_tau.fileio import atomic_write
 
 
 def load_teacher_encoder(tc: Any, in_chans: int) -> Tuple[torch.nn.Module, Dict[str, Any], str]:
@@ -108,9 +109,8 @@ def teacher_probe(encoder: torch.nn.Module, meta: Dict[str, Any], train_ds: Any,
     probe = {"weight": head.weight, "bias": head.bias, "mean": head.mean, "std": head.std}
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = saved.with_suffix(".tmp")
-        save_file({k: v.contiguous().cpu() for k, v in probe.items()}, str(tmp))
-        tmp.replace(saved)  # atomic: a resumed run never reads half a probe
+        tensors = {k: v.contiguous().cpu() for k, v in probe.items()}
+        atomic_write(saved, lambda tmp: save_file(tensors, str(tmp)))  # a resumed run never reads half a probe
     return probe, {"teacher/linear_test_top1": result.metrics["test_top1"]}
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from simclr_tau.evaluation.calibration import (
     auroc, bin_statistics, calibrate, calibration_report, ece_from_logits, expected_calibration_error,
-    fit_temperature, nll, reliability_diagram,
+    fit_temperature, nll, reliability_diagram, reliability_figure,
 )
 
 
@@ -109,6 +109,21 @@ def test_calibrate_and_reliability_png(tmp_path):
     assert img.shape[0] > 200 and img.shape[1] > 400
     p2 = reliability_diagram(logits, labels, 1.0, tmp_path / "sub" / "r.png", n_bins=10, title="x")
     assert p2.is_file()
+
+
+def test_reliability_diagram_shows_the_bin_counts_under_each_panel():
+    """Under each reliability panel a histogram holds the number of samples per confidence bin (issue 19)."""
+    logits, labels = _calibrated_classifier(n=500, seed=4)
+    T = 2.0
+    fig = reliability_figure(5 * logits, labels, T, n_bins=10)
+    axes = fig.get_axes()
+    assert len(axes) == 4  # (diagram, histogram) x (before, after)
+    for hist, t in ((axes[1], 1.0), (axes[3], T)):
+        heights = [bar.get_height() for bar in hist.patches]
+        conf = torch.softmax(5 * logits.double() / t, 1).max(1).values
+        _, _, count = bin_statistics(conf, torch.ones_like(conf, dtype=torch.bool), 10)
+        assert heights == count.tolist() and sum(heights) == 500
+        assert hist.get_ylabel() == "samples per bin"
 
 
 def test_auroc_matches_sklearn_with_ties():

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 N_BINS = 15
 
@@ -104,10 +107,10 @@ def calibration_report(logits: Tensor, labels: Tensor, T: float, n_bins: int = N
     }
 
 
-def reliability_diagram(logits: Tensor, labels: Tensor, T: float, path: str | Path, n_bins: int = N_BINS,
-                        title: str = "") -> Path:
-    """Save a PNG with two panels (before / after temperature scaling): accuracy per confidence bin as
-    bars against the diagonal of perfect calibration, bin counts as a faint histogram, ECE in each title."""
+def reliability_figure(logits: Tensor, labels: Tensor, T: float, n_bins: int = N_BINS, title: str = "") -> "Figure":
+    """The reliability diagram as a matplotlib Figure: two columns (before / after temperature scaling),
+    each with accuracy per confidence bin as bars against the diagonal of perfect calibration (ECE in the
+    title) and, in a short panel underneath, the number of test samples in each bin."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -115,10 +118,11 @@ def reliability_diagram(logits: Tensor, labels: Tensor, T: float, path: str | Pa
     correct = pred == labels
     edges = torch.linspace(0, 1, n_bins + 1)
     centers, width = ((edges[:-1] + edges[1:]) / 2).numpy(), 1.0 / n_bins
-    fig = Figure(figsize=(9, 4.2), dpi=110)
+    fig = Figure(figsize=(9, 5.6), dpi=110)
     FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2, 2, height_ratios=(3, 1))
     for i, (name, t) in enumerate((("before", 1.0), (f"after (T = {T:.3g})", T))):
-        ax = fig.add_subplot(1, 2, i + 1)
+        ax = fig.add_subplot(grid[0, i])
         conf = torch.softmax(logits.double() / t, 1).gather(1, pred.view(-1, 1)).squeeze(1)
         acc, mean_conf, count = bin_statistics(conf, correct, n_bins)
         nonempty = (count > 0).numpy()
@@ -130,12 +134,23 @@ def reliability_diagram(logits: Tensor, labels: Tensor, T: float, path: str | Pa
         ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence (max softmax probability)")
         ax.set_ylabel("accuracy")
+        ax.tick_params(labelbottom=False)
         ece = ece_from_logits(logits, labels, t, n_bins)
         ax.set_title(f"{title + ' ' if title else ''}{name}: ECE = {100 * ece:.2f}%")
         ax.legend(loc="upper left", fontsize=8)
+        hist = fig.add_subplot(grid[1, i], sharex=ax)
+        hist.bar(centers, count.numpy(), width=width, edgecolor="black", color="tab:gray", alpha=0.7)
+        hist.set_xlabel("confidence (max softmax probability)")
+        hist.set_ylabel("samples per bin", fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def reliability_diagram(logits: Tensor, labels: Tensor, T: float, path: str | Path, n_bins: int = N_BINS,
+                        title: str = "") -> Path:
+    """Save :func:`reliability_figure` as a PNG at ``path``."""
+    fig = reliability_figure(logits, labels, T, n_bins, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -399,3 +399,19 @@ def test_tau_band_prefers_the_table_quantiles_of_a_per_sample_tau(tmp_path: Path
     assert steps == [1, 2] and mid == [0.2, 0.25] and lo is None and hi is None and "batch mean" in what
     assert tau_band(RunData("fixed", "x", {}, {}, [{"step": 1, "train/tau": 0.2}])) is None
     assert plot_tau([table, batch], tmp_path / "tau.png").stat().st_size > 1000
+
+
+def test_distillation_temperatures_show_in_the_tau_column_and_plot(tmp_path: Path) -> None:
+    """SEED logs train/tau_s and train/tau_t, KD train/T: each is named in the τ column and drawn (issue 19)."""
+    from simclr_tau.records.plots import plot_tau
+    from simclr_tau.records.tables import metric_table
+
+    seed = RunData("seed", "x", {"train.method": "seed"}, {"train/tau_s": 0.1, "train/tau_t": 0.05, "train/loss": 1.0},
+                   [{"step": s, "train/tau_s": 0.1, "train/tau_t": 0.05} for s in (1, 2)])
+    kd = RunData("kd", "x", {"train.method": "kd"}, {"train/T_mean": 4.0, "train/T_min": 3.0, "train/T_max": 5.0},
+                 [{"step": s, "train/T_mean": 4.0, "train/T_min": 3.0, "train/T_max": 5.0} for s in (1, 2)])
+    headers, raw, text = metric_table([seed, kd])
+    col = headers.index("final τ")
+    assert text[0][col] == "student τ 0.1, teacher τ 0.05" and raw[0][col] == 0.1
+    assert text[1][col] == "KD T 4 (3–5)" and raw[1][col] == 4.0
+    assert plot_tau([seed, kd], tmp_path / "tau.png") is not None  # was skipped: no train/tau

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from simclr_tau.records.run_data import RunData, knn_keys, knn_label, knn_order
+from simclr_tau.records.run_data import RunData, knn_keys, knn_label, knn_order, tau_keys
 
 
 def _plt():
@@ -94,13 +94,15 @@ def tau_axis_scale(values: Sequence[float]) -> str:
     return "log" if pos and max(pos) / min(pos) > 10 else "linear"
 
 
-def tau_band(r: RunData) -> Optional[Tuple[list, list, Optional[list], Optional[list], str]]:
-    """A per-sample τ run's curve: (steps, centre, low, high, what they are), or None for a scalar τ.
+def tau_band(r: RunData, key: str = "train/tau") -> Optional[Tuple[list, list, Optional[list], Optional[list], str]]:
+    """A per-sample τ run's curve of temperature ``key``: (steps, centre, low, high, what they are), or None
+    for a scalar τ.
 
-    The quantiles of the whole τ_i table (``train/tau_p50`` with ``tau_p1``–``tau_p99``: a dro per-sample τ)
-    when logged, else the batch's mean with its min–max band (a conditional τ)."""
-    for centre, lo_key, hi_key, what in (("train/tau_p50", "train/tau_p1", "train/tau_p99", "median, p1–p99 band of all τ_i"),
-                                         ("train/tau_mean", "train/tau_min", "train/tau_max", "batch mean, min–max band")):
+    The quantiles of the whole τ_i table (``<key>_p50`` with ``_p1``–``_p99``: a dro per-sample τ) when
+    logged, else the batch's mean with its min–max band (a conditional τ)."""
+    for suffixes, what in ((("_p50", "_p1", "_p99"), "median, p1–p99 band of all τ_i"),
+                           (("_mean", "_min", "_max"), "batch mean, min–max band")):
+        centre, lo_key, hi_key = (key + x for x in suffixes)
         rows = [(row["step"], row[centre], row.get(lo_key), row.get(hi_key))
                 for row in r.history if isinstance(row.get(centre), (int, float)) and "step" in row]
         if rows:
@@ -110,26 +112,34 @@ def tau_band(r: RunData) -> Optional[Tuple[list, list, Optional[list], Optional[
     return None
 
 
+LINESTYLES = {"train/tau": "-", "train/tau_s": "-", "train/tau_t": "--", "train/T": ":"}
+
+
 def plot_tau(runs: Sequence[RunData], path: Path) -> Optional[Path]:
-    """Scalar τ as a line; per-sample τ as a centre line with a quantile band (:func:`tau_band`)."""
+    """Every temperature of every run (:data:`~simclr_tau.records.run_data.TAU_KEYS`: τ, distillation's
+    student / teacher τ and KD T, told apart by line style): a scalar as a line, a per-sample one as a centre
+    line with a quantile band (:func:`tau_band`)."""
     plt, styles = _plt(), line_styles(runs)
     fig, ax = plt.subplots(figsize=(8, 5))
     handles, labels, values = [], [], []
     for r in runs:
-        xs, ys = r.series("train/tau")
-        values += list(ys)
-        if xs:
-            handles.append(_plot(ax, styles[r.name], xs, ys, len(xs) <= 25))
-            labels.append(r.name)
-            continue
-        band = tau_band(r)
-        if band is not None:
-            s, mid, lo, hi, what = band
-            values += mid + (lo or []) + (hi or [])
-            handles.append(_plot(ax, styles[r.name], s, mid, len(s) <= 25))
-            if lo is not None and hi is not None:
-                ax.fill_between(s, lo, hi, color=styles[r.name]["color"], alpha=0.25, linewidth=0)
-            labels.append(f"{r.name} (per-sample: {what})")
+        for key, what_tau in tau_keys(r):
+            style = {**styles[r.name], "linestyle": LINESTYLES.get(key, "-")}
+            name = r.name if key == "train/tau" else f"{r.name} {what_tau}"
+            xs, ys = r.series(key)
+            values += list(ys)
+            if xs:
+                handles.append(_plot(ax, style, xs, ys, len(xs) <= 25))
+                labels.append(name)
+                continue
+            band = tau_band(r, key)
+            if band is not None:
+                s, mid, lo, hi, what = band
+                values += mid + (lo or []) + (hi or [])
+                handles.append(_plot(ax, style, s, mid, len(s) <= 25))
+                if lo is not None and hi is not None:
+                    ax.fill_between(s, lo, hi, color=style["color"], alpha=0.25, linewidth=0)
+                labels.append(f"{name} (per-sample: {what})")
     if not handles:
         _plt().close(fig)
         return None
@@ -236,7 +246,7 @@ def plot_all(runs: Sequence[RunData], out: Path, extra: Sequence[str] = ()) -> T
         "no online kNN rows in any run's metrics; pretrain with eval.online_knn_every=N")
     add("loss vs step", plot_lines(runs, "train/loss", out / "loss_vs_step.png", ylabel="contrastive loss",
                                    title="training loss vs step"), "no run logged train/loss")
-    add("τ vs step", plot_tau(runs, out / "tau_vs_step.png"), "no run logged train/tau or train/tau_mean")
+    add("τ vs step", plot_tau(runs, out / "tau_vs_step.png"), "no run logged a temperature (train/tau, train/tau_s, train/tau_t, train/T)")
     bars = [(k, f"{knn_label(k)} top-1 (%)") for k in knn_keys(runs)]
     bars += [("linear/test_top1", "linear probe test top-1 (%)"), ("calib/ece_before", "ECE before calibration"),
              ("calib/ece_after", "ECE after temperature scaling")]

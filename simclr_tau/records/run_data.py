@@ -131,8 +131,25 @@ def expand_run_dirs(paths: Sequence[str]) -> List[Path]:
     return out
 
 
-def final_tau(r: RunData) -> Optional[float]:
-    return r.final.get("train/tau", r.final.get("train/tau_mean"))
+# The temperatures a run can log: pretraining's τ, distillation's student / teacher τ (SEED) and KD's T.
+TAU_KEYS = (("train/tau", "τ"), ("train/tau_s", "student τ"), ("train/tau_t", "teacher τ"), ("train/T", "KD T"))
+
+
+def tau_keys(r: RunData) -> List[tuple]:
+    """(key, label) of each temperature of :data:`TAU_KEYS` that ``r`` logged, scalar (``key``) or per-sample
+    (``key_mean`` ...)."""
+    logged = set(r.final) | {k for row in r.history for k in row}
+    return [(k, lab) for k, lab in TAU_KEYS if k in logged or f"{k}_mean" in logged or f"{k}_p50" in logged]
+
+
+def final_tau(r: RunData, key: Optional[str] = None) -> Optional[float]:
+    """Final value of the temperature ``key`` (default: the first the run logged), the batch mean of a
+    per-sample one."""
+    for k in [key] if key else [k for k, _ in tau_keys(r)] or ["train/tau"]:
+        v = r.final.get(k, r.final.get(f"{k}_mean"))
+        if v is not None:
+            return v
+    return None
 
 
 _KNN_KEY = re.compile(r"^(online_)?knn/top1_k(\d+)_(?:t([0-9.eE+-]+)|(vote))$")

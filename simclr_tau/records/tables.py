@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from simclr_tau.errors import UserError
-from simclr_tau.records.run_data import RunData, final_tau, knn_keys, knn_label
+from simclr_tau.records.run_data import RunData, final_tau, knn_keys, knn_label, tau_keys
 
 # Config keys that differ between any two runs without saying anything about them.
 NOT_A_DIFFERENCE = ("train.run_name", "train.output_dir", "train.progress")
@@ -59,11 +59,21 @@ def _tau_mode(r: RunData) -> str:
     return str(mode) if mode is not None else MISSING
 
 
+def _one_tau_text(r: RunData, key: str) -> str:
+    if key not in r.final and f"{key}_mean" in r.final:  # per-sample τ: mean (min–max)
+        lo, hi = r.final.get(f"{key}_min"), r.final.get(f"{key}_max")
+        return f"{fmt(r.final[f'{key}_mean'])} ({fmt(lo)}–{fmt(hi)})"
+    return fmt(final_tau(r, key))
+
+
 def _tau_text(r: RunData) -> str:
-    if "train/tau" not in r.final and "train/tau_mean" in r.final:  # per-sample τ: mean (min–max)
-        lo, hi = r.final.get("train/tau_min"), r.final.get("train/tau_max")
-        return f"{fmt(r.final['train/tau_mean'])} ({fmt(lo)}–{fmt(hi)})"
-    return fmt(final_tau(r))
+    """Pretraining's τ as a number; distillation's temperatures each with its name (student τ 0.1, ...)."""
+    keys = tau_keys(r)
+    if not keys:
+        return MISSING
+    if [k for k, _ in keys] == ["train/tau"]:
+        return _one_tau_text(r, "train/tau")
+    return ", ".join(f"{label} {_one_tau_text(r, k)}" for k, label in keys)
 
 
 def metric_columns(runs: Sequence[RunData], extra: Sequence[str] = ()) -> List[Column]:

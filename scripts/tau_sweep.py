@@ -93,11 +93,13 @@ def plan(args: argparse.Namespace) -> Tuple[List[Tuple[str, str, List[List[str]]
     out_root = output_dir(args.overrides)
     py = [sys.executable, "-m", "simclr_tau"]
     extra = online_eval_overrides(args.config, args.overrides) if args.select and not args.select_only else []
+    # the W&B group is the experiment (this sweep); the run names and tau_mode tags tell its settings apart
+    group = [] if any(o.startswith("wandb.group=") for o in args.overrides) else [f"wandb.group={prefix}"]
     runs = []
     for name in args.only or list(SETTINGS):
         run_name = f"{prefix}-{name}"
         run_dir = str(Path(out_root) / run_name)
-        cmds = [py + ["pretrain", args.config, *args.overrides, *extra, *SETTINGS[name], f"train.run_name={run_name}"],
+        cmds = [py + ["pretrain", args.config, *args.overrides, *group, *extra, *SETTINGS[name], f"train.run_name={run_name}"],
                 py + ["knn", run_dir, *args.overrides]]
         if args.linear:
             cmds.append(py + ["linear", run_dir, *args.overrides])

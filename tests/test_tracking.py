@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from simclr_tau.config import flatten, load_config, resolve_defaults
-from simclr_tau.records.writer import run_tags, wandb_mode
+from simclr_tau.records.writer import RunRecord, default_group, run_tags, wandb_mode, wandb_mode_reason
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "synthetic_tiny.yaml")
@@ -51,6 +51,65 @@ def test_auto_mode_is_offline_without_an_api_key(no_wandb_credentials, monkeypat
     monkeypatch.setenv("WANDB_MODE", "disabled")  # the environment wins
     assert wandb_mode("auto") == "disabled"
     assert wandb_mode("offline") == "offline"  # an explicit mode is kept
+
+
+def test_auto_mode_finds_a_wandb_login_for_the_configured_host(no_wandb_credentials, monkeypatch, tmp_path) -> None:
+    """``wandb login --host`` stores the key under the host's name: auto mode looks it up for that host."""
+    key = "h" * 40
+    (tmp_path / "netrc").write_text(f"machine wandb.example.org\n  login user\n  password {key}\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert wandb_mode_reason("auto") == ("offline", "no API key for api.wandb.ai")  # the key is for another host
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    assert wandb_mode_reason("auto") == ("online", "API key for wandb.example.org from wandb login")
+    monkeypatch.delenv("WANDB_BASE_URL")
+    (tmp_path / "wandb-config").mkdir()
+    (tmp_path / "wandb-config" / "settings").write_text("[default]\nbase_url = https://wandb.example.org\n")
+    assert wandb_mode("auto") == "online"  # the host from wandb's settings file
+    monkeypatch.setenv("WANDB_BASE_URL", "https://other.example.org")
+    assert wandb_mode_reason("auto") == ("offline", "no API key for other.example.org")
+
+
+def test_a_real_offline_run_prints_one_line_with_its_directory_and_the_sync_command(
+        no_wandb_credentials, tmp_path, capsys) -> None:
+    cfg = load_config(TINY, [f"train.output_dir={tmp_path}", "wandb.enabled=true", "wandb.mode=auto"])
+    record = RunRecord(tmp_path / "r", cfg, "r")
+    record.close()
+    lines = [line for line in capsys.readouterr().out.splitlines() if "W&B" in line]
+    assert len(lines) == 1, lines
+    offline_dir, = (tmp_path / "r" / "wandb").glob("offline-run-*")
+    assert lines[0] == (f"W&B: offline (no API key for api.wandb.ai): {offline_dir}; "
+                        f"upload later with `wandb sync {offline_dir}`")
+
+
+def test_online_and_disabled_runs_say_so_in_one_line(fake_wandb_init, monkeypatch, tmp_path, capsys) -> None:
+    """Online against a fake ``wandb.init`` (the W&B cloud is mocked: unreachable here): the line has the run URL."""
+    import wandb
+
+    real_init = wandb.init
+
+    def init_with_url(**kw):
+        run = real_init(**kw)
+        run.url = f"https://wandb.ai/tau-team/tau-study/runs/{run.id}"
+        return run
+
+    monkeypatch.setattr(wandb, "init", init_with_url)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    cfg = load_config(TINY, [f"train.output_dir={tmp_path}", "wandb.enabled=true", "wandb.mode=auto"])
+    RunRecord(tmp_path / "on", cfg, "on").close()
+    assert capsys.readouterr().out.splitlines() == [
+        "W&B: online (WANDB_API_KEY is set): https://wandb.ai/tau-team/tau-study/runs/fakeid0"]
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    RunRecord(tmp_path / "off", cfg, "off").close()
+    assert capsys.readouterr().out.splitlines() == [
+        f"W&B: disabled (WANDB_MODE=disabled); the local record in {tmp_path / 'off'} is complete"]
+
+
+def test_the_default_group_is_the_experiment_not_the_tau_setting() -> None:
+    """Every τ of one study shares the group; its epochs, batch, method are part of it; wandb.group wins."""
+    groups = {default_group(load_config(TINY, [f"temperature.mode={m}"])) for m in ("fixed", "learnable", "conditional")}
+    assert len(groups) == 1
+    assert default_group(load_config(TINY, ["train.epochs=7"])) != groups.pop()
+    assert default_group(load_config(TINY, ["wandb.group=study-3"])) == "study-3"
 
 
 def test_tags_name_method_tau_mode_dataset_backbone_and_schedule() -> None:
@@ -111,7 +170,7 @@ def test_training_and_evaluation_reach_the_same_wandb_run(fake_wandb_init, tmp_p
     run_dir = run(cfg).run_dir
     (kw, wrun), = fake_wandb_init
     # naming / grouping convention; entity and project from the environment; the whole config
-    assert kw["name"] == "cond" and kw["group"] == "synthetic-resnet10t" and kw["job_type"] == "simclr"
+    assert kw["name"] == "cond" and kw["group"] == f"simclr-synthetic-resnet10t-{cfg.train.epochs}ep-bs16" and kw["job_type"] == "simclr"
     assert kw["tags"] == ["method:simclr", "tau_mode:conditional", "dataset:synthetic", "backbone:resnet10t", "study-1"]
     assert (kw["entity"], kw["project"]) == ("tau-team", "tau-study")
     assert kw["mode"] == "offline" and kw["resume"] == "allow" and kw["dir"] == str(run_dir)

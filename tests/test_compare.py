@@ -78,9 +78,9 @@ def test_table_holds_the_numbers_of_the_run_records(runs, result, capsys) -> Non
         assert len(online) == 2  # one per epoch
         assert raw[col["kNN k=5 T=0.1 top-1"]] == s.get(KNN)
         assert raw[col["online kNN k=5 T=0.1 top-1"]] == s[ONLINE_KNN] == online[-1]
-        for key, header in (("linear/test_top1", "linear top-1"), ("calib/ece_before", "ECE before"),
-                            ("calib/ece_after", "ECE after")):
-            assert raw[col[header]] == s.get(key)  # None where the probe did not run
+        assert raw[col["linear top-1"]] == s.get("linear/test_top1")  # None where the probe did not run
+        for key, header in (("calib/ece_before", "ECE before (%)"), ("calib/ece_after", "ECE after (%)")):
+            assert raw[col[header]] == (None if s.get(key) is None else pytest.approx(100 * s[key]))  # in %
     assert result.raw[2][col["linear top-1"]] is None
     assert result.raw[0][col["τ mode"]] == "fixed" and result.raw[2][col["τ mode"]] == "conditional"
 
@@ -415,3 +415,36 @@ def test_distillation_temperatures_show_in_the_tau_column_and_plot(tmp_path: Pat
     assert text[0][col] == "student τ 0.1, teacher τ 0.05" and raw[0][col] == 0.1
     assert text[1][col] == "KD T 4 (3–5)" and raw[1][col] == 4.0
     assert plot_tau([seed, kd], tmp_path / "tau.png") is not None  # was skipped: no train/tau
+
+
+def _study_run(d: Path, dataset: str, tau: str, knn: float, ece: float) -> Path:
+    d.mkdir(parents=True)
+    cfg = {"data.name": dataset, "model.backbone": "resnet18", "train.method": "simclr", "train.epochs": 10,
+           "train.batch_size": 256, "train.seed": 0, "temperature.mode": tau}
+    (d / "summary.json").write_text(json.dumps({"run_name": d.name, "config": cfg, KNN: knn, "calib/ece_after": ece,
+                                                "linear/test_top1": knn + 1}))
+    return d
+
+
+def test_report_states_the_setup_marks_the_best_and_warns_on_mixed_datasets(tmp_path: Path, capsys) -> None:
+    from simclr_tau.records.compare import main
+
+    a = _study_run(tmp_path / "a", "fashion_mnist", "fixed", 80.0, 0.05)
+    b = _study_run(tmp_path / "a-very-long-run-name-with-many-parts-learnable", "fashion_mnist", "learnable", 82.5, 0.02)
+    comp = main([str(a), str(b), "--out", str(tmp_path / "cmp")])
+    out = capsys.readouterr().out
+    assert "setup: dataset fashion_mnist, backbone resnet18, method simclr, epochs 10, batch 256, seed 0; " \
+           "differing: temperature.mode" in out and "warning" not in out
+    col = {h: i for i, h in enumerate(comp.headers)}
+    assert comp.text[1][col["kNN k=5 T=0.1 top-1"]] == "82.5 ★" and comp.text[0][col["kNN k=5 T=0.1 top-1"]] == "80"
+    assert comp.text[1][col["ECE after (%)"]] == "2 ★" and comp.raw[0][col["ECE after (%)"]] == pytest.approx(5.0)
+    page = comp.html.read_text()
+    assert "<td><b>82.5 ★</b></td>" in page and "table class='sortable'" in page and "addEventListener" in page
+    assert "<div class='scroll'>" in page and "ECE in %" in page and "setup: dataset fashion_mnist" in page
+
+    c = _study_run(tmp_path / "c", "cifar10", "fixed", 60.0, 0.1)
+    comp = main([str(a), str(c), "--out", str(tmp_path / "mixed")])
+    out = capsys.readouterr().out
+    assert "warning: runs of different datasets are mixed (cifar10, fashion_mnist)" in out
+    assert "class='warning'>warning: runs of different datasets are mixed" in comp.html.read_text()
+    assert "differing: dataset\n" in out  # a and c differ only in their dataset

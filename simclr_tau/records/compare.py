@@ -30,7 +30,8 @@ from simclr_tau.errors import UserError, exit_on_user_error
 from simclr_tau.records.plots import plot_all
 from simclr_tau.records.report import write_csv, write_html
 from simclr_tau.records.run_data import RunData, expand_run_dirs, load_run_dir
-from simclr_tau.records.tables import TABLE_NOTE, check_comparable, config_diff, diff_rows, metric_table, render_text, unique_names
+from simclr_tau.records.tables import (TABLE_NOTE, check_comparable, config_diff, diff_rows, metric_table,
+                                      mixed_datasets_warning, render_text, setup, unique_names, SETUP_KEYS)
 
 
 @dataclass
@@ -59,6 +60,8 @@ def compare(runs: List[RunData], out: Optional[Path] = None, extra: Sequence[str
     headers, raw, text = metric_table(runs, extra)
     diff = config_diff(runs)
     diff_table = diff_rows(runs, diff)
+    shared, differ = setup(runs)
+    warning = mixed_datasets_warning(runs)
     images: List[tuple] = []
     notes: List[str] = []
     html_path = None
@@ -68,8 +71,12 @@ def compare(runs: List[RunData], out: Optional[Path] = None, extra: Sequence[str
         write_csv(out / "config_diff.csv", *diff_rows(runs, diff))
         if plots:
             images, notes = plot_all(runs, out, extra)
-        html_path = write_html(out / "report.html", runs, (headers, text), diff_table, images, notes)
+        html_path = write_html(out / "report.html", runs, (headers, text), diff_table, images, notes,
+                               setup_line(shared, differ, diff), warning)
     if echo:
+        if warning:
+            print(f"warning: {warning}")
+        print(setup_line(shared, differ, diff) + "\n")
         print("final metrics")
         print(render_text(headers, text))
         print(f"({TABLE_NOTE})\n")
@@ -84,6 +91,13 @@ def compare(runs: List[RunData], out: Optional[Path] = None, extra: Sequence[str
             print(f"\nwrote {', '.join(str(p) for _, p in images)}" if images else "")
             print(f"wrote {html_path}", flush=True)
     return Comparison(runs, headers, raw, text, diff, images, notes, html_path)
+
+
+def setup_line(shared: Dict[str, Any], differ: Sequence[str], diff: Dict[str, List[Any]]) -> str:
+    """One sentence of the setup the runs share and the config keys that differ between them."""
+    same = ", ".join(f"{k} {v}" for k, v in shared.items()) or "nothing in common"
+    keys = list(dict.fromkeys([*differ, *(k for k in diff if k not in dict(SETUP_KEYS))]))
+    return f"setup: {same}; differing: {', '.join(keys) if keys else 'nothing'}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -190,12 +190,18 @@ def value_limits(values: Sequence[float], pad: float = 0.12) -> Tuple[float, flo
     return lo - pad * span, hi + pad * span
 
 
-def plot_final_metrics(runs: Sequence[RunData], keys: Sequence[Tuple[str, str]], path: Path) -> Optional[Path]:
+def plot_final_metrics(runs: Sequence[RunData], keys: Sequence[Tuple[str, str]], path: Path,
+                       scale: Optional[Dict[str, float]] = None) -> Optional[Path]:
     """One panel per (key, label): a dot per run on a value axis fitted to the values, value written beside it.
 
     A dot plot rather than bars: bars must start at 0, which hides the sub-point differences between runs.
-    Runs read top to bottom in the legend's order; runs without a finite value are left out of that panel.
+    Runs are named on the value axis of the first panel of each row (long names wrapped), top to bottom in
+    the given order; runs without a finite value are left out of that panel. ``scale`` multiplies a key's
+    values (ECE fractions -> %).
     """
+    import textwrap
+
+    scale = scale or {}
     def finite(r: RunData, key: str) -> bool:
         v = r.final.get(key)
         return isinstance(v, (int, float)) and math.isfinite(v)
@@ -206,23 +212,24 @@ def plot_final_metrics(runs: Sequence[RunData], keys: Sequence[Tuple[str, str]],
     plt, colors = _plt(), run_colors(runs)
     ncol = min(3, len(keys))
     nrow = math.ceil(len(keys) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, (0.22 * len(runs) + 1.3) * nrow + 0.5), squeeze=False)
+    names = ["\n".join(textwrap.wrap(r.name, 28)) or r.name for r in runs]
+    lines = max(n.count("\n") + 1 for n in names)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol + 2.2, (0.22 * lines * len(runs) + 1.3) * nrow + 0.3),
+                             squeeze=False)
     for ax in axes.flat[len(keys):]:
         ax.set_visible(False)
-    handles: Dict[str, Any] = {}
-    for ax, (key, label) in zip(axes.flat, keys):
-        shown = [(i, r.final[key]) for i, r in enumerate(runs) if finite(r, key)]
+    for n, (ax, (key, label)) in enumerate(zip(axes.flat, keys)):
+        shown = [(i, r.final[key] * scale.get(key, 1.0)) for i, r in enumerate(runs) if finite(r, key)]
         for i, v in shown:
-            handles.setdefault(runs[i].name, ax.scatter([v], [i], color=colors[runs[i].name], s=36, zorder=3))
+            ax.scatter([v], [i], color=colors[runs[i].name], s=36, zorder=3)
             ax.annotate(f"{v:.4g}", (v, i), va="center", fontsize=7, xytext=(5, 0), textcoords="offset points")
         lo, hi = value_limits([v for _, v in shown])
         ax.set_xlim(lo, hi + 0.15 * (hi - lo))  # room for the printed values on the right
         ax.set_ylim(len(runs) - 0.5, -0.5)  # run 1 on top
-        ax.set_yticks(range(len(runs)), [str(i + 1) for i in range(len(runs))], fontsize=8)
+        ax.set_yticks(range(len(runs)), names if n % ncol == 0 else [""] * len(runs), fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
-    listed = [(i, r.name) for i, r in enumerate(runs) if r.name in handles]  # dot row i+1 is run i+1 here
-    _legend_below(fig, [handles[n] for _, n in listed], [f"{i + 1}: {n}" for i, n in listed])
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -248,10 +255,11 @@ def plot_all(runs: Sequence[RunData], out: Path, extra: Sequence[str] = ()) -> T
                                    title="training loss vs step"), "no run logged train/loss")
     add("τ vs step", plot_tau(runs, out / "tau_vs_step.png"), "no run logged a temperature (train/tau, train/tau_s, train/tau_t, train/T)")
     bars = [(k, f"{knn_label(k)} top-1 (%)") for k in knn_keys(runs)]
-    bars += [("linear/test_top1", "linear probe test top-1 (%)"), ("calib/ece_before", "ECE before calibration"),
-             ("calib/ece_after", "ECE after temperature scaling")]
+    bars += [("linear/test_top1", "linear probe test top-1 (%)"), ("calib/ece_before", "ECE before calibration (%)"),
+             ("calib/ece_after", "ECE after temperature scaling (%)")]
     bars += [(k, k) for k in extra]
-    add("final metrics", plot_final_metrics(runs, bars, out / "final_metrics.png"), "no final kNN / linear / ECE results")
+    add("final metrics", plot_final_metrics(runs, bars, out / "final_metrics.png",
+                                                {"calib/ece_before": 100.0, "calib/ece_after": 100.0}), "no final kNN / linear / ECE results")
     for k in extra:
         if any(r.series(k)[0] for r in runs):
             add(f"{k} vs step", plot_lines(runs, k, out / f"curve_{_slug(k)}.png"), "")

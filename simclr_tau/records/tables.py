@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -13,8 +14,12 @@ from simclr_tau.records.run_data import RunData, final_tau, knn_keys, knn_label,
 NOT_A_DIFFERENCE = ("train.run_name", "train.output_dir", "train.progress")
 NOT_A_DIFFERENCE_PREFIXES = ("wandb.", "_")
 MISSING = "—"
-TABLE_NOTE = ("accuracies in %; ECE as a fraction (0-1); final τ of a per-sample τ: batch mean (min–max); "
-              "— : not logged / not evaluated")
+TABLE_NOTE = ("accuracies in %; ECE in % (as `simclr-tau linear` prints it); ★ / bold: the best run of a metric "
+              "column; final τ of a per-sample τ: batch mean (min–max); — : not logged / not evaluated")
+BEST = " ★"
+# The setup a comparison states in its header: flattened config key -> label.
+SETUP_KEYS = (("data.name", "dataset"), ("model.backbone", "backbone"), ("train.method", "method"),
+              ("train.epochs", "epochs"), ("train.batch_size", "batch"), ("train.seed", "seed"))
 
 
 def unique_names(runs: List[RunData]) -> None:
@@ -42,6 +47,33 @@ class Column:
     header: str
     value: Callable[[RunData], Any]
     text: Optional[Callable[[RunData], str]] = None  # default: format value
+    best: Optional[str] = None  # "max" / "min": the best run of this column is marked
+
+
+def _percent(v: Any) -> Any:
+    return None if v is None else 100.0 * v
+
+
+def setup(runs: Sequence[RunData]) -> tuple[Dict[str, Any], List[str]]:
+    """(label -> value the runs share, labels of the setup keys whose values differ) over :data:`SETUP_KEYS`."""
+    shared: Dict[str, Any] = {}
+    differ: List[str] = []
+    for key, label in SETUP_KEYS:
+        vals = {json.dumps(r.config.get(key), default=str) for r in runs}
+        if len(vals) == 1:
+            if runs and runs[0].config.get(key) is not None:
+                shared[label] = runs[0].config[key]
+        else:
+            differ.append(label)
+    return shared, differ
+
+
+def mixed_datasets_warning(runs: Sequence[RunData]) -> Optional[str]:
+    """A warning when the runs were trained on different datasets (their numbers are not comparable)."""
+    names = sorted({str(r.config.get("data.name")) for r in runs if r.config.get("data.name") is not None})
+    if len(names) > 1:
+        return f"runs of different datasets are mixed ({', '.join(names)}): their accuracies are not comparable"
+    return None
 
 
 def fmt(v: Any) -> str:
@@ -84,11 +116,11 @@ def metric_columns(runs: Sequence[RunData], extra: Sequence[str] = ()) -> List[C
         Column("final loss", lambda r: r.final.get("final/train_loss", r.final.get("train/loss"))),
         Column("final τ", final_tau, _tau_text),
     ]
-    cols += [Column(knn_label(k) + " top-1", lambda r, k=k: r.final.get(k)) for k in knn_keys(runs)]
+    cols += [Column(knn_label(k) + " top-1", lambda r, k=k: r.final.get(k), best="max") for k in knn_keys(runs)]
     cols += [
-        Column("linear top-1", lambda r: r.final.get("linear/test_top1")),
-        Column("ECE before", lambda r: r.final.get("calib/ece_before")),
-        Column("ECE after", lambda r: r.final.get("calib/ece_after")),
+        Column("linear top-1", lambda r: r.final.get("linear/test_top1"), best="max"),
+        Column("ECE before (%)", lambda r: _percent(r.final.get("calib/ece_before")), best="min"),
+        Column("ECE after (%)", lambda r: _percent(r.final.get("calib/ece_after")), best="min"),
     ]
     cols += [Column(k, lambda r, k=k: r.final.get(k)) for k in extra]
     return cols
@@ -99,6 +131,13 @@ def metric_table(runs: Sequence[RunData], extra: Sequence[str] = ()) -> tuple[Li
     cols = metric_columns(runs, extra)
     raw = [[c.value(r) for c in cols] for r in runs]
     text = [[(c.text(r) if c.text else fmt(v)) for c, v in zip(cols, row)] for r, row in zip(runs, raw)]
+    for j, c in enumerate(cols):
+        vals = [row[j] for row in raw if isinstance(row[j], (int, float)) and math.isfinite(row[j])]
+        if c.best and len(runs) > 1 and vals:
+            target = max(vals) if c.best == "max" else min(vals)
+            for i, row in enumerate(raw):
+                if row[j] == target:
+                    text[i][j] += BEST
     return [c.header for c in cols], raw, text
 
 

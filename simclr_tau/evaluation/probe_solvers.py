@@ -1,6 +1,12 @@
 """The solvers of the linear probe: a grid of softmax-regression heads fitted at once, as one stacked
 (G, F, C) problem (mini-batch SGD / AdamW with a cosine schedule), or one full-batch L-BFGS solve per head.
 The protocol around them (validation split, grid, selection) is :mod:`simclr_tau.evaluation.linear_probe`.
+
+Why hand-written SGD / AdamW updates and not torch.optim: one torch.optim over the stacked grid needs one
+leaf tensor per head (param groups carry lr / wd) and a torch.stack of them every step; measured (issue 19,
+2-core CPU, batch 256 x 512 features x 10 classes, 12-head grid, foreach, 24 param groups) that is 2.1-2.4 vs
+1.5 ms/step for SGD and 2.4-2.6 vs 1.6 ms/step for AdamW (1.4-1.6x slower). tests/test_linear_probe.py checks
+that these updates equal torch.optim.SGD / AdamW run on each head alone.
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ learning-rate grid fits encoders whose feature scales differ.
 
 Optimizers (``optimizer``): ``sgd`` (momentum 0.9, coupled L2 weight decay on the weights) and
 ``adamw`` (decoupled weight decay), mini-batch with a cosine learning-rate schedule over all steps,
-no warm-up; ``lbfgs``: full-batch L-BFGS (strong-Wolfe line search) on CE + wd/2 ||W||², ``epochs`` =
-iterations, the lr grid unused. The bias is never decayed. The SGD / AdamW heads of the whole grid are
-trained together as one stacked (G, F, C) tensor on the same batches (the update rules are torch's,
+no warm-up; ``lbfgs``: full-batch float64 L-BFGS (strong-Wolfe line search) on mean CE + wd/2 ||W||², one
+solve per weight decay, each run to its own gradient tolerance (``epochs`` = the iteration cap), the lr grid
+unused; it matches scikit-learn's ``LogisticRegression(C = 1 / (N · wd))``. The bias is never decayed.
+The SGD / AdamW heads of the whole grid are trained together as one stacked (G, F, C) tensor on the same batches (the update rules are torch's,
 applied per head with that head's lr and wd), so a grid costs about as much as one head.
 
 Modes: ``linear_probe`` trains on fixed (cached) features, without augmentation. ``linear_probe_augmented``
@@ -40,14 +41,16 @@ from simclr_tau.evaluation.probe_solvers import train_heads_lbfgs, train_heads_m
 
 OPTIMIZERS = ("sgd", "adamw", "lbfgs")
 DEFAULT_LRS = {"sgd": (0.01, 0.1, 1.0), "adamw": (1e-3, 1e-2), "lbfgs": (1.0,)}
-DEFAULT_WDS = {"sgd": (0.0, 1e-5, 1e-4, 1e-3), "adamw": (0.0, 1e-4, 1e-2), "lbfgs": (0.0, 1e-5, 1e-4, 1e-3, 1e-2)}
-DEFAULT_EPOCHS = {"sgd": 30, "adamw": 30, "lbfgs": 100}
+DEFAULT_WDS = {"sgd": (0.0, 1e-5, 1e-4, 1e-3), "adamw": (0.0, 1e-4, 1e-2), "lbfgs": (1e-5, 1e-4, 1e-3, 1e-2)}
+# lbfgs has no wd = 0: on (nearly) separable features that objective has no minimizer, so its head would only
+# be wherever the iteration cap stopped it (pass wds=[0.0] explicitly to get that); lbfgs epochs = the cap
+DEFAULT_EPOCHS = {"sgd": 30, "adamw": 30, "lbfgs": 1000}
 
 
 @dataclass
 class ProbeConfig:
     optimizer: str = "lbfgs"  # sgd | adamw | lbfgs
-    epochs: Optional[int] = None  # None: 30 (sgd/adamw), 100 iterations (lbfgs)
+    epochs: Optional[int] = None  # None: 30 (sgd/adamw), at most 1000 iterations per head (lbfgs)
     lrs: Optional[Sequence[float]] = None  # learning-rate grid; None: DEFAULT_LRS[optimizer]
     wds: Optional[Sequence[float]] = None  # weight-decay grid; None: DEFAULT_WDS[optimizer]
     batch_size: int = 256  # sgd / adamw mini-batch (0 = full batch)

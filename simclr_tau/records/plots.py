@@ -34,8 +34,12 @@ def _legend_below(fig: Any, handles: List[Any], labels: List[str]) -> None:
     ncol = 1 if max((len(s) for s in labels), default=0) > 45 or len(labels) <= 2 else 2
     legend = fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
     fig.canvas.draw()  # measure the legend, then give the axes the rest of the figure
-    frac = legend.get_window_extent().height / fig.bbox.height
-    fig.tight_layout(rect=(0, min(0.6, frac + 0.01), 1, 1))
+    legend_h = legend.get_window_extent().height / fig.dpi  # inches
+    width, height = fig.get_size_inches()
+    axes_h = height * 0.55  # what the axes keep at least; a long legend makes the figure taller instead
+    if legend_h > height - axes_h:
+        fig.set_size_inches(width, axes_h + legend_h + 0.2)
+    fig.tight_layout(rect=(0, (legend_h + 0.05) / fig.get_size_inches()[1], 1, 1))
 
 
 def _integer_x(ax: Any) -> None:

@@ -65,7 +65,7 @@ class Evaluator:
         return knn_eval(tr_f, tr_y, te_f, te_y, [K], [T], self.train.num_classes)[KEY]
 
 
-def pixel_top1(cfg: Any, evaluator: Evaluator) -> float:
+def pixel_top1(evaluator: Evaluator) -> float:
     from simclr_tau.evaluation.features import PixelEncoder
 
     return evaluator(PixelEncoder())
@@ -205,7 +205,7 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     evaluator = Evaluator(cfg)
     pix_file = out / "pixels.txt"
-    pixels = float(pix_file.read_text()) if pix_file.is_file() else pixel_top1(cfg, evaluator)
+    pixels = float(pix_file.read_text()) if pix_file.is_file() else pixel_top1(evaluator)
     pix_file.write_text(f"{pixels}\n")
     machine = (torch.cuda.get_device_name() if torch.cuda.is_available()
                else f"CPU {os.cpu_count()} cores ({platform.machine()}), {torch.get_num_threads()} threads")

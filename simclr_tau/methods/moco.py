@@ -213,7 +213,7 @@ class MoCo(nn.Module):
         k1 = self._keys(x1) if self.symmetric else None
         queries = q1 if q2 is None else torch.cat([q1, q2], dim=0)
         keys = k2 if k1 is None else torch.cat([k2, k1], dim=0)  # the positive of each query, in query order
-        alignment = positive_alignment(queries, keys)
+        alignment = positive_alignment(queries, keys) if self.temperature.reads_alignment else None
         # 0-d, or (N,) / (2N,) per query (conditional), or (N,) per image (per-sample dro)
         tau = self.temperature(queries, index=index, alignment=alignment)
         tau1, tau2 = tau.chunk(2) if (tau.ndim == 1 and tau.shape[0] == queries.shape[0] and q2 is not None) \

@@ -46,7 +46,8 @@ class SimCLR(nn.Module):
         z = self.projector(self.encoder(torch.cat([x1, x2], dim=0)))  # 2N x proj_dim
         z1, z2 = z.chunk(2, dim=0)
         # 0-d, or per anchor: (2N,) for conditional τ, (N,) per image for a per-sample dro τ
-        tau = self.temperature(z, index=index, alignment=positive_alignment(z1, z2))
+        alignment = positive_alignment(z1, z2) if self.temperature.reads_alignment else None
+        tau = self.temperature(z, index=index, alignment=alignment)
         extra: Dict[str, Tensor] = {}
         if self.temperature.objective == "dro":
             with torch.autocast(device_type=z.device.type, enabled=False):

@@ -98,8 +98,7 @@ class DROTemperature(Temperature):
             return None
         if index is None:
             raise ValueError("the sogclr estimator needs the dataset indices of the batch (index=...)")
-        prev = torch.where(self.seen[index], self.log_u[index], torch.full_like(self.log_u[index], float("-inf")))
-        return prev.repeat(views)
+        return self.log_u[index].masked_fill(~self.seen[index], float("-inf")).repeat(views)
 
     @torch.no_grad()
     def update(self, index: Optional[Tensor], terms: RobustTerms, views: int) -> None:

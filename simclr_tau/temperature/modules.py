@@ -45,6 +45,7 @@ class Temperature(nn.Module):
 
     per_sample: bool = False
     objective: str = "contrastive"
+    reads_alignment: bool = False  # True: the method must pass ``alignment`` (computed only then)
 
     def forward(self, embeddings: Optional[Tensor] = None, index: Optional[Tensor] = None,
                 alignment: Optional[Tensor] = None) -> Tensor:  # pragma: no cover - abstract
@@ -264,6 +265,8 @@ class AdaptiveTemperature(Temperature):
     temperature, not its loss reweighting. Clamped to [τ_min, τ_max] when given. The method passes A as
     ``alignment`` (0-d); τ is 0-d.
     """
+
+    reads_alignment = True
 
     def __init__(self, init: float, alpha: float = 0.5, a0: float = 0.0, tau_min: Optional[float] = None,
                  tau_max: Optional[float] = None) -> None:

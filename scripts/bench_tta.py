@@ -216,7 +216,7 @@ def main() -> None:
                                                                    evaluator)
     summary = summarize(curve, pixels)
     res = {"label": label, "recipe": args.recipe, "config": args.config, "overrides": args.overrides, "machine": machine,
-           "dataset": cfg.data.name,
+           "dataset": cfg.data.name, "batch_size": cfg.train.batch_size,
            "date": time.strftime("%Y-%m-%d %H:%M"), "wall_minutes_total": (time.time() - t0) / 60, "pixels": pixels,
            "curve": curve, **summary}
     (out / f"{label}.json").write_text(json.dumps(res, indent=2))

@@ -244,3 +244,29 @@ def test_architecture_kwargs_are_accepted_and_the_export_round_trips(tmp_path: P
     encoder.eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), encoder(x))
+
+
+def test_stem_pool_false_halves_the_stem_downsampling_and_round_trips(tmp_path: Path) -> None:
+    """model.stem_pool=false: the ImageNet stem without its max-pool (28 px -> 14 px into stage 1, not 7)."""
+    shapes = {}
+    for pool in (True, False):
+        cfg = load_config(None, ["model.backbone=resnet10t", "model.small_stem=false", f"model.stem_pool={pool}"])
+        torch.manual_seed(0)
+        encoder, _ = build_encoder(cfg.model, 1)
+        x = torch.randn(2, 1, 28, 28)
+        stem = encoder.maxpool(encoder.act1(encoder.bn1(encoder.conv1(x))))
+        shapes[pool] = tuple(stem.shape[-2:])
+    assert shapes == {True: (7, 7), False: (14, 14)}
+    path = tmp_path / "encoder.safetensors"
+    save_encoder(path, encoder, cfg.model, 1, 28, [0.5], [0.25])
+    assert read_metadata(path)["model"]["stem_pool"] is False
+    loaded, _ = load_encoder(path)
+    encoder.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), encoder(x))
+
+
+def test_stem_pool_false_on_a_model_without_a_stem_pool_is_one_line() -> None:
+    cfg = load_config(None, ["model.backbone=vit_tiny_patch16_224", "model.small_stem=false", "model.stem_pool=false"])
+    with pytest.raises(UserError, match="has no stem max-pool"):
+        build_encoder(cfg.model, 1)

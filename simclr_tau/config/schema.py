@@ -125,6 +125,7 @@ class ModelConfig:
     backbone: str = "resnet18"  # any timm model name
     backbone_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (e.g. img_size, patch_size for ViT)
     small_stem: bool = True  # ResNet-like at 28-32 px: 3x3 stride-1 stem conv, no max-pool
+    stem_pool: bool = True  # ResNet without small_stem: keep the stem's max-pool (False: half the stem's downsampling, 28 px -> 14 px instead of 7; ~4x the FLOPs)
     proj_hidden_dim: int = 512
     proj_dim: int = 128
     proj_layers: int = 2  # linear layers in the projection MLP (BN + ReLU between)

@@ -3,7 +3,8 @@
 ``timm.create_model(name, num_classes=0, in_chans=C)`` gives a backbone whose forward returns the pooled
 feature vector. For 28-32 px images the ImageNet stem (7x7 stride-2 conv + max-pool) throws away 3/4 of
 the resolution before the first block, so ``small_stem`` swaps it for a 3x3 stride-1 conv without
-max-pool, as the SimCLR paper does for CIFAR-10 (Appendix B.9).
+max-pool, as the SimCLR paper does for CIFAR-10 (Appendix B.9). ``stem_pool=False`` is the middle way:
+the ImageNet stem's strided conv without its max-pool (28 px -> 14 px into the first stage, not 7 or 28).
 """
 
 from __future__ import annotations
@@ -134,6 +135,11 @@ def build_encoder(cfg: Any, in_chans: int) -> Tuple[nn.Module, int]:
         raise UserError(f"model.backbone_kwargs={kwargs} not accepted by timm model '{cfg.backbone}': {e}") from None
     if cfg.small_stem:
         _apply_small_stem(model)
+    elif not getattr(cfg, "stem_pool", True):
+        if not isinstance(getattr(model, "maxpool", None), nn.Module):
+            raise UserError(f"model.stem_pool=false: timm model '{cfg.backbone}' has no stem max-pool to remove "
+                            "(a ResNet-family stem has one)")
+        model.maxpool = nn.Identity()
     return model, int(model.num_features)
 
 

@@ -19,6 +19,14 @@ The first log interval (warm-up: allocator, thread pools, workers) is excluded.
     python scripts/bench_train.py --config configs/fmnist_simclr_gpu.yaml --steps 100 --log-every 10 \
         --pipelines batched,lightly data.image_size=32 train.mixed_precision=bf16 train.compile=true
     python scripts/bench_train.py train.channels_last=false optim.fused=false --pipelines batched   # ablation
+    # a user's small-image folder: the first 10k Fashion-MNIST images as PNGs, cached vs in memory vs per sample
+    python scripts/bench_train.py --imagefolder 10000 --pipelines batched,folder,folder-dataloader data.channels=rgb
+
+``--imagefolder N`` writes the first N training images as an ImageFolder tree of PNGs (``root/<class>/i.png``)
+and adds the pipelines ``folder`` (``data.name=imagefolder``, default pipeline: the uint8 cache of
+:mod:`simclr_tau.data.folders`, trained batched) and ``folder-dataloader`` (the same tree per sample in
+DataLoader workers); every pipeline then trains on those N images (``data.subset=N`` in memory). The folder
+decodes RGB: compare with ``data.channels=rgb``. The first load's decode into the cache is timed apart.
 """
 
 from __future__ import annotations
@@ -54,6 +62,21 @@ def measure(config: str, pipeline: str, steps: int, log_every: int, overrides: l
         return sum(rates) / len(rates)
 
 
+def write_tree(config: str, overrides: list[str], n: int, root: Path) -> Path:
+    """The first ``n`` training images of the config's dataset as PNGs under ``root/<class>/<i>.png``."""
+    from PIL import Image
+
+    from simclr_tau.data.datasets import build_pretrain_dataset
+
+    ds = build_pretrain_dataset(load_config(config, [*overrides, "data.channels=native"]).data)
+    for i in range(min(n, len(ds))):
+        img, label = ds[i]
+        d = root / f"{label:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()).save(d / f"{i}.png")
+    return root
+
+
 def measure_lightly(config: str, steps: int, log_every: int, overrides: list[str]) -> float:
     """lightly's SimCLR recipe, same backbone / batch / τ / SGD / augmentation, in a plain loop."""
     import time
@@ -83,8 +106,25 @@ def main() -> None:
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--pipelines", type=lambda s: s.split(","), default=["batched", "dataloader", "lightly"],
                    help="comma-separated: batched,dataloader,lightly")
+    p.add_argument("--imagefolder", type=int, default=None, metavar="N",
+                   help="also measure an ImageFolder tree of the first N images (pipelines folder, folder-dataloader)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
+    tmp = tempfile.TemporaryDirectory()
+    folder: list[str] = []
+    if args.imagefolder:
+        import time
+
+        from simclr_tau.data.folders import load_folder
+
+        tree = write_tree(args.config, args.overrides, args.imagefolder, Path(tmp.name) / "tree")
+        size = load_config(args.config, args.overrides).data.image_size or 28
+        folder = ["data.name=imagefolder", f"data.root={tree}", f"data.image_size={size}",
+                  f"data.cache_dir={Path(tmp.name) / 'cache'}", "data.channels=native"]
+        t0 = time.perf_counter()
+        load_folder(tree, load_config(args.config, [*args.overrides, *folder]).data)
+        print(f"imagefolder: {args.imagefolder} PNGs, first load (decode into the cache) {time.perf_counter() - t0:.1f} s")
+        args.overrides = [*args.overrides, f"data.subset={args.imagefolder}"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     print(f"config {args.config} {' '.join(args.overrides)} | {device} | torch {torch.__version__} | "
           f"{torch.get_num_threads()} threads")
@@ -92,11 +132,16 @@ def main() -> None:
     for pl in args.pipelines:
         if pl == "lightly":
             results[pl] = measure_lightly(args.config, args.steps, args.log_every, args.overrides)
+        elif pl in ("folder", "folder-dataloader"):
+            if not folder:
+                p.error(f"pipeline {pl} needs --imagefolder N")
+            results[pl] = measure(args.config, "auto" if pl == "folder" else "dataloader", args.steps, args.log_every,
+                                  [*args.overrides[:-1], *folder])
         else:
             results[pl] = measure(args.config, pl, args.steps, args.log_every, args.overrides)
         print(f"{pl:>12}: {results[pl]:8.1f} images/s (two views each) = {50000 / results[pl]:7.1f} s per 50k-image epoch",
               flush=True)
-    for other in ("dataloader", "lightly"):
+    for other in ("dataloader", "lightly", "folder", "folder-dataloader"):
         if "batched" in results and other in results:
             print(f"ratio simclr_tau (batched) / {other}: {results['batched'] / results[other]:.2f}x")
 

@@ -98,6 +98,8 @@ class DataConfig:
     subset: Optional[int] = None  # use only the first n training images (debugging, tests)
     pipeline: str = "auto"  # auto | batched (uint8 dataset on the device, augmented in batches) | dataloader (per-sample torchvision in workers); auto = batched for in-memory datasets
     num_workers: int = 2  # DataLoader worker processes per training process (dataloader pipeline)
+    folder_cache_mb: float = 1024.0  # imagefolder: decode a tree whose uint8 N x C x S x S fits in this many MiB once into memory (cached on disk) and train it batched; 0 = always per sample
+    cache_dir: Optional[str] = None  # imagefolder cache directory; None = $XDG_CACHE_HOME/simclr_tau/folders (~/.cache/...)
     synthetic_size: int = 256  # synthetic: number of images
     synthetic_classes: int = 4  # synthetic: number of classes
     synthetic_image_size: int = 16  # synthetic: side in pixels

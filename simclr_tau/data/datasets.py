@@ -2,7 +2,8 @@
 
 Small-image datasets (Fashion-MNIST, CIFAR-10/100, STL-10, synthetic) are held in memory as one uint8
 tensor ``images`` (N, C, H, W), so they can also be moved whole to the training device and augmented
-there in batches. ImageFolder trees are decoded per sample from disk.
+there in batches. ImageFolder trees are decoded per sample from disk, or once into an in-memory tensor when their
+images are small (:mod:`simclr_tau.data.folders`).
 
 Fashion-MNIST (Xiao et al. 2017) is read straight from its idx files (``train-images-idx3-ubyte.gz``, ...)
 in any directory that holds them: the Debian package ``dataset-fashion-mnist`` installs them in
@@ -14,17 +15,15 @@ from __future__ import annotations
 
 import gzip
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor
-from torch.utils.data import Dataset
 
-from simclr_tau.config.resolve import NATIVE_IMAGE_SIZE
+from simclr_tau.data.folders import CorruptImageError, FolderImageDataset, load_folder  # noqa: F401 (re-exported)
+from simclr_tau.data.images import ImageDataset, TensorImageDataset
 from simclr_tau.errors import UserError
 
 FMNIST_FILES = {
@@ -32,93 +31,6 @@ FMNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-
-
-class ImageDataset(Dataset):
-    """Base: ``__getitem__(i) -> (uint8 C x H x W tensor, label)`` plus metadata.
-
-    Attributes: ``channels``, ``image_size`` (native side), ``num_classes``, ``classes``, ``labels``
-    (long tensor), ``images`` (uint8 (N, C, H, W) tensor, or None for on-disk datasets).
-    """
-
-    images: Optional[Tensor] = None
-    labels: Tensor
-    channels: int
-    image_size: int
-    classes: List[str]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-class TensorImageDataset(ImageDataset):
-    """An in-memory dataset of uint8 images (N, C, H, W) and labels (N,)."""
-
-    def __init__(self, images: Tensor, labels: Tensor, classes: Sequence[str]) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W); got {images.dtype} {tuple(images.shape)}")
-        self.images = images.contiguous()
-        self.labels = labels.long()
-        self.channels = int(images.shape[1])
-        self.image_size = int(images.shape[-1])
-        self.classes = list(classes)
-
-    def __getitem__(self, i: int) -> Tuple[Tensor, int]:
-        return self.images[i], int(self.labels[i])
-
-
-class CorruptImageError(UserError):
-    """An image file that cannot be decoded.
-
-    A DataLoader worker's exception is re-raised in the main process as ``type(e)(message + worker
-    traceback)``; the message is cut back to its one line here, so the CLI still prints one line.
-    """
-
-    def __init__(self, message: str) -> None:
-        if "Original Traceback" in message:
-            message = message.strip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
-        super().__init__(message)
-
-
-class FolderImageDataset(ImageDataset):
-    """An ImageFolder tree (``root/<class>/<image>``) decoded to uint8 RGB tensors on access.
-
-    A file that cannot be decoded (corrupt, truncated, empty, not an image) stops the run with a one-line
-    :class:`CorruptImageError` naming the file, when it is first read. It is not skipped: skipping would
-    change the fixed global batch (and with it the loss and the exact resume), and replacing it with
-    another sample would silently train on a different dataset. Remove or re-encode the file and
-    ``--resume auto`` (the checkpoint of the interrupted run is kept).
-    """
-
-    def __init__(self, root: Path, channels: int = 3) -> None:
-        from torchvision.datasets import ImageFolder
-
-        try:
-            self.folder = ImageFolder(str(root), loader=lambda p: p)  # decode lazily in __getitem__
-        except (FileNotFoundError, RuntimeError) as e:
-            raise UserError(f"data.root={root}: not an ImageFolder tree (root/<class>/<image>): {e}") from None
-        self.labels = torch.tensor(self.folder.targets, dtype=torch.long)
-        self.classes = list(self.folder.classes)
-        self.channels = channels
-        self.image_size = NATIVE_IMAGE_SIZE["imagefolder"]  # images differ in size: their views are resized to it
-
-    def __getitem__(self, i: int) -> Tuple[Tensor, int]:
-        from torchvision.io import ImageReadMode, decode_image
-
-        path, label = self.folder.samples[i]
-        mode = ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB
-        try:
-            return decode_image(path, mode=mode), label
-        except (RuntimeError, OSError) as e:
-            # torchvision: "decode_jpeg, <source file>:171, Image is incomplete or truncated"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            cause = re.sub(r"^[^,]*, \S+:\d+, ", "", first)[:200]  # drop torchvision's source location
-            raise CorruptImageError(f"{path}: cannot decode image ({cause}); remove or re-encode the file, "
-                                    "then --resume auto") from None
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -222,9 +134,7 @@ def _build(cfg: Any, split: str) -> ImageDataset:
         if not root.is_dir():
             raise UserError(f"data.root={root}: directory not found; point data.root (or data.val_root) at an "
                             "ImageFolder tree root/<class>/<image>")
-        ds = FolderImageDataset(root)
-        if len(ds) == 0:
-            raise UserError(f"data.root={root}: no images found")
+        ds = load_folder(root, cfg)
     elif name == "synthetic":
         n = cfg.synthetic_size if split != "test" else max(cfg.synthetic_size // 4, cfg.synthetic_classes)
         ds = make_synthetic(n, cfg.synthetic_classes, cfg.synthetic_image_size, seed=0 if split != "test" else 1,

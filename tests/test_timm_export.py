@@ -62,13 +62,19 @@ def data_config_of(model: torch.nn.Module) -> dict:
     return {**cfg, "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
 
 
+VIT = ("model.backbone_kwargs={img_size: 28, patch_size: 7, depth: 1, embed_dim: 32, num_heads: 2, "
+       "global_pool: avg, class_token: false}")
+
+
 @pytest.mark.parametrize("overrides", [
-    ["model.backbone=resnet10t"],
-    ["model.backbone=resnet10t", "model.backbone_kwargs={channels: [8, 16, 32, 64], drop_path_rate: 0.1}"],
-    ["model.backbone=resnet18"],
-], ids=["resnet10t", "resnet10t-channels", "resnet18"])
+    ["model.backbone=resnet10t", "model.small_stem=false"],
+    ["model.backbone=resnet10t", "model.small_stem=false",
+     "model.backbone_kwargs={channels: [8, 16, 32, 64], drop_path_rate: 0.1}"],
+    ["model.backbone=resnet18", "model.small_stem=false"],
+    ["model.backbone=vit_tiny_patch16_224", "model.small_stem=true", VIT],  # small_stem changes nothing in a ViT
+], ids=["resnet10t", "resnet10t-channels", "resnet18", "vit"])
 def test_plain_timm_loads_the_export_with_identical_features_and_preprocessing(tmp_path: Path, overrides: list) -> None:
-    run, trained = export(tmp_path, *overrides, "model.small_stem=false")
+    run, trained = export(tmp_path, *overrides)
     path = run / "encoder.safetensors"
     meta = read_metadata(path)
     assert meta["timm"]["loadable"] is True and "local-dir" in meta["timm"]["note"]

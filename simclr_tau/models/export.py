@@ -52,8 +52,8 @@ OPTIONAL_KEYS = ("timm",)  # exports before issue 19 lack it; any other key is r
 TIMM_CONFIG = "config.json"  # the name timm's local-dir: (and the Hugging Face hub) reads
 NOT_TIMM_KEY = "simclr_tau.not_a_timm_architecture."  # + reason: the marker tensor of an export timm cannot rebuild
 _NOT_TIMM_WHY = {
-    "small_stem": "model.small_stem=true runs the stem's first conv at stride 1 (a 3x3 conv for a plain ResNet) "
-                  "without the max-pool",
+    "small_stem": "model.small_stem=true keeps the stem at full resolution (its first conv at stride 1; for a plain "
+                  "ResNet a 3x3 conv, and no max-pool)",
     "stem_pool_false": "model.stem_pool=false removes the stem's max-pool",
     "modified": "the stem differs from timm's",
 }

@@ -17,7 +17,7 @@ Two ways to load it:
   weights file beside it. Only for encoders that ``timm.create_model(backbone, **backbone_kwargs)`` builds
   as trained: ``model.small_stem`` (3x3 stride-1 stem without max-pool) and ``model.stem_pool=false`` change
   the stem in ways no timm argument expresses. Those exports get no ``config.json``, and their weights carry
-  one extra, empty tensor (:data:`NOT_TIMM_KEY` + the reason) that timm's strict load rejects by name, so
+  one extra one-byte tensor (:data:`NOT_TIMM_KEY` + the reason) that timm's strict load rejects by name, so
   ``pretrained_cfg_overlay=dict(file=...)`` fails instead of silently running the ImageNet stem on the
   trained weights (resnet10t's stride-2 and stride-1 stems have the same weight shapes).
 

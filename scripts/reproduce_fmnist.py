@@ -204,8 +204,13 @@ def baseline_steps(args: argparse.Namespace, jobs: List[Job]) -> Tuple[List[Step
 
 
 def compare_step(args: argparse.Namespace, jobs: List[Job]) -> Step:
-    return Step(python_cmd("compare", *[str(j.run_dir) for j in jobs], "--out", str(Path(args.out) / "compare"),
-                           "--metric", "diag/alignment", "--metric", "diag/uniformity"), None)
+    """The comparison of the runs; the raw-pixel baseline's directory joins it when its results exist (the
+    random-init results sit in the reference run's summary, which compare reads anyway)."""
+    pix = Path(args.out) / "baselines" / "pixels"
+    pixels = [str(pix)] if not args.no_baselines and any((pix / n).is_file() for n in ("knn.json", "linear.json")) else []
+    return Step(python_cmd("compare", *[str(j.run_dir) for j in jobs], *pixels, "--out", str(Path(args.out) / "compare"),
+                           "--metric", "diag/alignment", "--metric", "diag/uniformity",
+                           *(["--no-baselines"] if args.no_baselines else [])), None)
 
 
 def run_steps(label: str, steps: List[Step], log_dir: Path, env: Dict[str, str]) -> bool:

@@ -448,3 +448,67 @@ def test_report_states_the_setup_marks_the_best_and_warns_on_mixed_datasets(tmp_
     assert "warning: runs of different datasets are mixed (cifar10, fashion_mnist)" in out
     assert "class='warning'>warning: runs of different datasets are mixed" in comp.html.read_text()
     assert "differing: dataset\n" in out  # a and c differ only in their dataset
+
+
+def test_baselines_are_marked_rows_of_the_table_and_the_report(runs, tmp_path, capsys) -> None:
+    """Raw pixels (`knn pixels` / `linear pixels`, written under train.output_dir) and a run's random init
+    (`knn RUN --random-init`, merged into its summary) are rows after the runs, marked, never ranked (issue 19)."""
+    import shutil
+
+    from simclr_tau.evaluation.cli import knn_main, linear_main
+    from simclr_tau.records.compare import main
+
+    root = tmp_path / "runs"
+    for d in runs[:2]:  # copies: the module's runs stay without baselines
+        shutil.copytree(d, root / d.name)
+    a = root / runs[0].name
+    knn_args = ["--k", "5", "--t", "0.1", "--no-diagnostics", "--no-progress"]
+    rand = knn_main([str(a), "--random-init", *knn_args])
+    linear_main([str(a), "--random-init", "--no-progress"])
+    pix = knn_main(["pixels", "--config", TINY, f"train.output_dir={root}", *knn_args])
+    pix_lin = linear_main(["pixels", "--config", TINY, f"train.output_dir={root}", "--no-progress"])
+    assert (root / "pixels-synthetic" / "eval" / "knn.json").is_file()
+    capsys.readouterr()
+
+    comp = main([str(root), "--out", str(tmp_path / "cmp")])  # the directory of runs holds the pixels' too
+    out = capsys.readouterr().out
+    assert [r.name for r in comp.runs] == ["tau-fixed", "tau-learnable", "raw pixels (synthetic)", "random init (resnet10t)"]
+    col = {h: i for i, h in enumerate(comp.headers)}
+    knn, lin, ece = col["kNN k=5 T=0.1 top-1"], col["linear top-1"], col["ECE after (%)"]
+    assert comp.raw[2][knn] == pix["results"][0]["top1"] and comp.raw[2][lin] == pix_lin["metrics"]["linear/test_top1"]
+    assert comp.raw[3][knn] == rand["results"][0]["top1"]
+    assert comp.raw[3][ece] == pytest.approx(100 * summary(a)["calib_random_init/ece_after"])  # in %, as the runs'
+    assert [comp.raw[i][col["method"]] for i in (2, 3)] == ["baseline: raw pixels", "baseline: random init"]
+    assert all("★" not in cell for row in comp.text[2:] for cell in row)
+    assert "baseline: raw pixels" in out and "warning" not in out
+    assert "differing: optim.lr, temperature.init, temperature.mode" in out  # the runs' differences only
+    assert all(len(v) == 2 for v in comp.diff.values())  # one column per run, none per baseline
+    page = comp.html.read_text()
+    assert "2 runs and 2 baselines" in page and page.count("<tr class='baseline'>") == 4  # sources + metrics
+    assert dict(comp.images)["final metrics"].is_file()
+
+    # the pixels' directory (or its eval/) given by name; --no-baselines leaves every baseline out
+    comp = main([str(root / "tau-fixed"), str(root / "pixels-synthetic" / "eval"), "--out", str(tmp_path / "c2")])
+    assert [r.name for r in comp.runs] == ["tau-fixed", "raw pixels (synthetic)", "random init (resnet10t)"]
+    comp = main([str(root), "--no-baselines", "--no-plots", "--out", str(tmp_path / "c3")])
+    assert [r.name for r in comp.runs] == ["tau-fixed", "tau-learnable"]
+    _expect_exit_2(capsys, main, [str(root / "pixels-synthetic"), "--out", str(tmp_path / "c4")],
+                   "baselines alone are not a comparison")
+
+
+def test_a_baseline_is_never_the_best_and_counts_in_the_mixed_datasets_warning(tmp_path: Path, capsys) -> None:
+    from simclr_tau.records.baselines import random_init_rows
+    from simclr_tau.records.compare import compare
+
+    cfg = {"data.name": "fashion_mnist", "model.backbone": "resnet18"}
+    a = RunData("a", "x", {**cfg, "temperature.mode": "fixed"}, {KNN: 80.0, "knn_random_init/top1_k5_t0.1": 60.0})
+    b = RunData("b", "x", {**cfg, "temperature.mode": "learnable"}, {KNN: 82.0, "knn_random_init/top1_k5_t0.1": 60.0})
+    pixels = RunData("raw pixels (fashion_mnist)", "p", {"data.name": "fashion_mnist"}, {KNN: 85.0}, baseline="raw pixels")
+    rand, = random_init_rows([a, b])  # the same architecture and numbers: one row
+    assert rand.final == {KNN: 60.0} and rand.baseline == "random init"
+    comp = compare([a, b, pixels], echo=False)
+    j = comp.headers.index("kNN k=5 T=0.1 top-1")
+    assert [row[j] for row in comp.text] == ["80", "82 ★", "85", "60"]  # pixels ahead, b marked best
+    other = RunData("raw pixels (cifar10)", "p", {"data.name": "cifar10"}, {KNN: 40.0}, baseline="raw pixels")
+    compare([a, b, other])
+    assert "warning: runs of different datasets are mixed (cifar10, fashion_mnist)" in capsys.readouterr().out

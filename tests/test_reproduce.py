@@ -129,7 +129,8 @@ def test_study_runs_evaluates_tabulates_and_restarts(tmp_path) -> None:
         "linear_random_init/test_top1"]
     md = (out / "results.md").read_text()
     assert "| simclr-learnable-log | 0,1 |" in md and "*raw pixels*" in md and "paper: SVC" in md
-    assert (out / "compare" / "report.html").is_file()
+    report = (out / "compare" / "report.html").read_text()  # the baselines are rows of the comparison too
+    assert "<td>baseline: raw pixels</td>" in report and "<td>baseline: random init</td>" in report
     # restart: every step is found done, nothing is re-run
     stamp = (out / "simclr-learnable-log-s0" / "eval" / "knn.json").stat().st_mtime_ns
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)

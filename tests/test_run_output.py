@@ -43,7 +43,7 @@ def test_off_a_terminal_a_run_logs_plain_lines_and_ends_with_a_summary(tmp_path:
     # the summary: final loss, τ, online kNN, the encoder, the next command
     assert lines[-4:] == [
         f"done: 4 steps (1 epoch): final loss {steps[-1]['train/loss']:.4g}, tau 0.1, online kNN top1_k5_t0.1 {knn:.2f}%",
-        f"encoder: {run_dir / 'encoder.safetensors'}",
+        f"encoder: {run_dir / 'encoder.safetensors'} (load_encoder only: plain timm cannot build its stem)",
         f"run directory: {run_dir}",
         f"next: simclr-tau knn {run_dir}",
     ]
@@ -65,15 +65,25 @@ def test_off_a_terminal_a_run_logs_plain_lines_and_ends_with_a_summary(tmp_path:
 
 
 def test_progress_false_prints_only_the_summary(tmp_path: Path, capsys) -> None:
-    run_dir = pretrain(tmp_path, "quiet", "train.progress=false")
+    """With the ImageNet stem the export is a plain timm model: the summary says how timm loads it."""
+    import timm
+    import torch
+
+    from simclr_tau.models.export import load_encoder
+
+    run_dir = pretrain(tmp_path, "quiet", "train.progress=false", "model.small_stem=false")
     out, err = capsys.readouterr()
     assert out.splitlines() == [
         f"done: 4 steps (1 epoch): final loss {rows(run_dir)[-1]['train/loss']:.4g}, tau 0.1",
-        f"encoder: {run_dir / 'encoder.safetensors'}",
+        f"encoder: {run_dir / 'encoder.safetensors'} (timm: timm.create_model('local-dir:{run_dir}', pretrained=True))",
         f"run directory: {run_dir}",
         f"next: simclr-tau knn {run_dir}",
     ]
     assert "%|" not in err  # no bar either
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(timm.create_model(f"local-dir:{run_dir}", pretrained=True).eval()(x), load_encoder(
+            run_dir / "encoder.safetensors")[0](x))
 
 
 def test_per_sample_tau_is_summarized_by_its_mean(tmp_path: Path, capsys) -> None:

@@ -1,12 +1,25 @@
-"""The exported encoder: ``encoder.safetensors`` = backbone weights + the metadata needed to rebuild it.
+"""The exported encoder: ``encoder.safetensors`` = backbone weights + the metadata needed to rebuild it, and,
+where timm alone can rebuild the architecture, a timm ``config.json`` next to it.
 
 Metadata (safetensors' str -> str header): ``format`` = ``simclr_tau.encoder.v1``, ``model`` (JSON of the
-ModelConfig: timm name, kwargs, small-stem flag), ``in_chans``, ``image_size``, ``mean``, ``std`` (JSON).
+ModelConfig: timm name, kwargs, stem flags), ``in_chans``, ``image_size``, ``mean``, ``std`` (JSON) and ``timm``
+(JSON ``{"loadable": bool, "note": str}``: whether plain timm rebuilds this encoder, and how or why not;
+exports older than it lack the key).
 
-One-line loader: ``encoder, meta = simclr_tau.models.export.load_encoder("runs/x/encoder.safetensors")``.
-Without the small-image stem the weights are plain timm weights, so
-``timm.create_model(name, num_classes=0, in_chans=C, pretrained=True, pretrained_cfg_overlay=dict(file=path))``
-loads them too; with the small stem, ``conv1`` has another shape and :func:`load_encoder` is the way.
+Two ways to load it:
+
+- ``encoder, meta = simclr_tau.models.export.load_encoder("runs/x/encoder.safetensors")``: every export; the
+  model is a timm model whose ``pretrained_cfg`` carries the encoder's input size, mean and std, so
+  ``timm.data.resolve_data_config({}, model=encoder)`` gives its preprocessing.
+- plain timm, ``timm.create_model("local-dir:runs/x", pretrained=True)``: the ``config.json`` written next to
+  the file (timm's Hugging Face layout: architecture, ``model_args`` = ``in_chans`` + ``backbone_kwargs``,
+  ``pretrained_cfg`` with the encoder's input size / mean / std) rebuilds the architecture and timm finds the
+  weights file beside it. Only for encoders that ``timm.create_model(backbone, **backbone_kwargs)`` builds
+  as trained: ``model.small_stem`` (3x3 stride-1 stem without max-pool) and ``model.stem_pool=false`` change
+  the stem in ways no timm argument expresses. Those exports get no ``config.json``, and their weights carry
+  one extra one-byte tensor (:data:`NOT_TIMM_KEY` + the reason) that timm's strict load rejects by name, so
+  ``pretrained_cfg_overlay=dict(file=...)`` fails instead of silently running the ImageNet stem on the
+  trained weights (resnet10t's stride-2 and stride-1 stems have the same weight shapes).
 
 A model file is data from anywhere, never trusted code: :func:`read_metadata` accepts exactly the keys above,
 ``model`` holding only :class:`~simclr_tau.config.ModelConfig` fields of the right types, its ``backbone`` a
@@ -21,8 +34,9 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -33,17 +47,80 @@ from simclr_tau.models.encoder import (build_encoder, check_backbone_kwargs, che
                                        load_encoder_weights)
 
 FORMAT = "simclr_tau.encoder.v1"
-KEYS = ("format", "model", "in_chans", "image_size", "mean", "std")  # the whole header; any other key is refused
+KEYS = ("format", "model", "in_chans", "image_size", "mean", "std")  # every export has these
+OPTIONAL_KEYS = ("timm",)  # exports before issue 19 lack it; any other key is refused
+TIMM_CONFIG = "config.json"  # the name timm's local-dir: (and the Hugging Face hub) reads
+NOT_TIMM_KEY = "simclr_tau.not_a_timm_architecture."  # + reason: the marker tensor of an export timm cannot rebuild
+_NOT_TIMM_WHY = {
+    "small_stem": "model.small_stem=true keeps the stem at full resolution (its first conv at stride 1; for a plain "
+                  "ResNet a 3x3 conv, and no max-pool)",
+    "stem_pool_false": "model.stem_pool=false removes the stem's max-pool",
+    "modified": "the stem differs from timm's",
+}
+
+
+def data_config(in_chans: int, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Dict[str, Any]:
+    """timm's preprocessing keys for the encoder's evaluation transform
+    (:func:`simclr_tau.data.augment.eval_transform`: bilinear resize of the short side to S, center crop, normalize)."""
+    return {"input_size": [in_chans, image_size, image_size], "interpolation": "bilinear", "crop_pct": 1.0,
+            "crop_mode": "center", "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
+def timm_mismatch(model: Dict[str, Any], in_chans: int) -> Optional[str]:
+    """None if ``timm.create_model(backbone, in_chans=C, num_classes=0, **backbone_kwargs)`` builds the encoder's
+    architecture (the same modules with the same arguments), else the reason (a key of ``_NOT_TIMM_WHY``).
+
+    Both are built fresh (the RNG state is kept), so the answer does not depend on the trained module."""
+    import timm
+
+    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), model)
+    with torch.random.fork_rng(devices=[]):
+        ours, _ = build_encoder(cfg, in_chans)
+        kwargs = OmegaConf.to_container(cfg.backbone_kwargs, resolve=True) if cfg.backbone_kwargs else {}
+        plain = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
+    if repr(ours) == repr(plain):
+        return None
+    return "small_stem" if cfg.small_stem else "stem_pool_false" if not cfg.stem_pool else "modified"
+
+
+def timm_config(encoder: nn.Module, model: Dict[str, Any], in_chans: int, image_size: int,
+                mean: Sequence[float], std: Sequence[float]) -> Dict[str, Any]:
+    """The ``config.json`` timm reads for ``timm.create_model("local-dir:DIR", pretrained=True)``: the architecture,
+    its arguments (``in_chans``, no classifier, ``backbone_kwargs``) and a ``pretrained_cfg`` with the encoder's
+    preprocessing (the layout of timm's ``save_for_hf``, without the ImageNet tag, licence and URLs of the
+    architecture's default weights, which these are not)."""
+    default = getattr(encoder, "pretrained_cfg", None) or {}
+    return {
+        "architecture": model["backbone"],
+        "num_classes": 0,
+        "num_features": int(getattr(encoder, "num_features")),
+        "model_args": {"in_chans": in_chans, "num_classes": 0, **(model.get("backbone_kwargs") or {})},
+        "pretrained_cfg": {
+            "tag": "simclr_tau", "custom_load": False, **data_config(in_chans, image_size, mean, std),
+            "fixed_input_size": bool(default.get("fixed_input_size", False)), "num_classes": 0,
+            "first_conv": default.get("first_conv"), "classifier": default.get("classifier"),
+        },
+    }
 
 
 def save_encoder(
     path: str | Path, encoder: nn.Module, model_cfg: Any, in_chans: int, image_size: int,
     mean: Sequence[float], std: Sequence[float],
 ) -> None:
-    """Write the encoder's weights and rebuild metadata to ``path`` (safetensors)."""
+    """Write the encoder's weights and rebuild metadata to ``path`` (safetensors) and, when plain timm rebuilds
+    the architecture, timm's ``config.json`` next to it (else the weights get the :data:`NOT_TIMM_KEY` marker,
+    and a ``config.json`` of an earlier export to the same directory is removed)."""
     from safetensors.torch import save_file
 
+    path = Path(path)
     model = OmegaConf.to_container(model_cfg, resolve=True) if not isinstance(model_cfg, dict) else dict(model_cfg)
+    mismatch = timm_mismatch(model, in_chans)
+    if mismatch is None:
+        timm_note = {"loadable": True, "note": f"timm.create_model('local-dir:<this directory>', pretrained=True) "
+                                               f"reads {TIMM_CONFIG} next to this file"}
+    else:
+        timm_note = {"loadable": False, "note": f"not loadable by plain timm: {_NOT_TIMM_WHY[mismatch]}, which no "
+                                                "timm argument builds; use simclr_tau.models.export.load_encoder"}
     meta = {
         "format": FORMAT,
         "model": json.dumps(model),
@@ -51,10 +128,27 @@ def save_encoder(
         "image_size": str(image_size),
         "mean": json.dumps(list(mean)),
         "std": json.dumps(list(std)),
+        "timm": json.dumps(timm_note),
     }
     state = encoder_state_dict(encoder)
+    if mismatch is not None:
+        # timm's strict load refuses a key it does not know, and names it: the reason travels in the name
+        state[NOT_TIMM_KEY + mismatch] = torch.zeros(1, dtype=torch.uint8)
     # safetensors writes mode 0600; atomic_write gives the usual 0644 (umask 022) and never half a file
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    config_json = path.parent / TIMM_CONFIG
+    if mismatch is None:
+        text = json.dumps(timm_config(encoder, model, in_chans, image_size, mean, std), indent=2)
+        atomic_write(config_json, lambda tmp: tmp.write_text(text))
+    elif _is_our_timm_config(config_json):
+        config_json.unlink()
+
+
+def _is_our_timm_config(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("pretrained_cfg", {}).get("tag") == "simclr_tau"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _model_fields() -> Dict[str, type]:
@@ -135,9 +229,9 @@ def read_metadata(path: str | Path) -> Dict[str, Any]:
     for key in KEYS:
         if key not in meta:
             raise UserError(f"{where} has no {key!r} key; re-export the encoder")
-    unknown = sorted(set(meta) - set(KEYS))
+    unknown = sorted(set(meta) - set(KEYS) - set(OPTIONAL_KEYS))
     if unknown:
-        raise UserError(f"{where} key {unknown[0]!r} is refused: not one of {', '.join(KEYS)}")
+        raise UserError(f"{where} key {unknown[0]!r} is refused: not one of {', '.join(KEYS + OPTIONAL_KEYS)}")
     in_chans = _positive_int(meta, "in_chans", where)
     return {
         "model": _check_model(_json(meta, "model", where), where),
@@ -145,15 +239,42 @@ def read_metadata(path: str | Path) -> Dict[str, Any]:
         "image_size": _positive_int(meta, "image_size", where),
         "mean": _check_stats(_json(meta, "mean", where), "mean", in_chans, where),
         "std": _check_stats(_json(meta, "std", where), "std", in_chans, where),
+        "timm": _check_timm_note(_json(meta, "timm", where), where) if "timm" in meta else None,
     }
 
 
-def load_encoder(path: str | Path) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Rebuild and load an exported encoder. Returns (encoder in eval mode, metadata)."""
+def _check_timm_note(note: Any, where: str) -> Dict[str, Any]:
+    """The ``timm`` entry: {"loadable": bool, "note": str} (only ever shown, never acted on)."""
+    ok = (isinstance(note, dict) and set(note) == {"loadable", "note"} and isinstance(note["loadable"], bool)
+          and isinstance(note["note"], str) and len(note["note"]) <= 1000)
+    if not ok:
+        raise UserError(f"{where} timm={str(note)[:80]} is refused: must be a JSON object "
+                        "{\"loadable\": true|false, \"note\": \"...\"}")
+    return note
+
+
+def encoder_weights(path: str | Path) -> Dict[str, torch.Tensor]:
+    """The encoder's state dict stored in an export (the :data:`NOT_TIMM_KEY` marker left out)."""
     from safetensors.torch import load_file
 
+    return {k: v for k, v in load_file(str(path)).items() if not k.startswith(NOT_TIMM_KEY)}
+
+
+def load_encoder(path: str | Path) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Rebuild and load an exported encoder. Returns (encoder in eval mode, metadata).
+
+    The encoder's timm ``pretrained_cfg`` is set to its own preprocessing (input size, mean, std: see
+    :func:`data_config`), so ``timm.data.resolve_data_config({}, model=encoder)`` and the transforms timm builds
+    from it match the encoder rather than the ImageNet defaults of its architecture."""
     meta = read_metadata(path)
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["model"])
     encoder, _ = build_encoder(model_cfg, meta["in_chans"])
-    load_encoder_weights(encoder, load_file(str(path)), str(path))
+    load_encoder_weights(encoder, encoder_weights(path), str(path))
+    default = getattr(encoder, "pretrained_cfg", None) or {}
+    cfg = {k: default[k] for k in ("architecture", "fixed_input_size", "first_conv", "classifier") if k in default}
+    data = data_config(meta["in_chans"], meta["image_size"], meta["mean"], meta["std"])
+    cfg.update(tag="simclr_tau", num_classes=0, **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    encoder.pretrained_cfg = cfg
+    if hasattr(encoder, "default_cfg"):
+        encoder.default_cfg = cfg  # timm's older name for the same dict
     return encoder.eval(), meta

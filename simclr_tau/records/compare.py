@@ -1,17 +1,20 @@
 """``simclr-tau compare``: which τ works, side by side.
 
-    simclr-tau compare RUN_DIR ... [--out DIR] [--metric KEY ...]
+    simclr-tau compare RUN_DIR ... [PIXELS_DIR ...] [--out DIR] [--metric KEY ...] [--no-baselines]
     simclr-tau compare --wandb ENTITY/PROJECT [--filter KEY=VALUE ...] [--out DIR] [--metric KEY ...]
 
 Local runs are read from the project's own record (``config.yaml`` / ``metrics.jsonl`` / ``summary.json``;
 wandb's offline files cannot be read from Python); W&B runs through the public API
 (:mod:`simclr_tau.records.wandb_reader`). Both become :class:`RunData`, and then the same output:
 
-1. a table of final metrics, one row per run (printed, ``final_metrics.csv``);
-2. the flattened config keys whose values differ between the runs, one column per run (``config_diff.csv``);
-3. PNGs (:mod:`simclr_tau.records.plots`): kNN top-1 vs epoch (online kNN rows), loss vs step, τ vs step,
-   bars of the final kNN / linear / ECE (+ ``--metric`` keys);
-4. ``report.html``: the tables and the PNGs (embedded as data URIs) in one self-contained file.
+1. a header: the setup the runs share and the keys that differ, a warning when they mix datasets;
+2. a table of final metrics, one row per run (printed, ``final_metrics.csv``), the best of each column marked,
+   then the baselines (:mod:`~simclr_tau.records.baselines`: raw-pixel directories given or found among the runs,
+   the random-init results the runs' summaries hold) as marked rows;
+3. the flattened config keys whose values differ between the runs, one column per run (``config_diff.csv``);
+4. PNGs (:mod:`simclr_tau.records.plots`): kNN top-1 vs epoch (online kNN rows), loss vs step, τ vs step,
+   the final kNN / linear / ECE of every run and baseline (+ ``--metric`` keys);
+5. ``report.html``: all of it, the PNGs embedded as data URIs, in one self-contained file.
 
 This module only orchestrates: the vocabulary is :mod:`~simclr_tau.records.run_data`, the tables
 :mod:`~simclr_tau.records.tables`, the figures :mod:`~simclr_tau.records.plots`, the files
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from simclr_tau.errors import UserError, exit_on_user_error
+from simclr_tau.records.baselines import is_pixels_dir, load_pixels_dir, random_init_rows
 from simclr_tau.records.plots import plot_all
 from simclr_tau.records.report import write_csv, write_html
 from simclr_tau.records.run_data import RunData, expand_run_dirs, load_run_dir
@@ -47,31 +51,35 @@ class Comparison:
 
 
 def compare(runs: List[RunData], out: Optional[Path] = None, extra: Sequence[str] = (), plots: bool = True,
-            echo: bool = True) -> Comparison:
-    """Tables, plots and the HTML report for ``runs`` (see the module docstring)."""
-    if not runs:
-        raise UserError("nothing to compare: give run directories or --wandb ENTITY/PROJECT")
-    unique_names(runs)
-    check_comparable(runs)
+            echo: bool = True, baselines: bool = True) -> Comparison:
+    """Tables, plots and the HTML report for ``runs`` (see the module docstring). Baseline rows among ``runs``
+    and the random-init results the runs hold are added after the runs, unless ``baselines`` is False."""
+    trained = [r for r in runs if not r.baseline]
+    if not trained:
+        raise UserError("nothing to compare: give run directories or --wandb ENTITY/PROJECT"
+                        + (" (baselines alone are not a comparison)" if runs else ""))
+    rows = trained + ([r for r in runs if r.baseline] + random_init_rows(trained) if baselines else [])
+    unique_names(rows)
+    check_comparable(trained)
     for k in extra:
-        if not any(k in r.final or r.series(k)[0] for r in runs):
-            known = sorted({m for r in runs for m in r.final})
+        if not any(k in r.final or r.series(k)[0] for r in rows):
+            known = sorted({m for r in rows for m in r.final})
             raise UserError(f"--metric {k}: no run has it; known metrics: {', '.join(known[:20])}")
-    headers, raw, text = metric_table(runs, extra)
-    diff = config_diff(runs)
-    diff_table = diff_rows(runs, diff)
-    shared, differ = setup(runs)
-    warning = mixed_datasets_warning(runs)
+    headers, raw, text = metric_table(rows, extra)
+    diff = config_diff(trained)  # the setup and differences are the runs'; a baseline has no training config
+    diff_table = diff_rows(trained, diff)
+    shared, differ = setup(trained)
+    warning = mixed_datasets_warning(rows)
     images: List[tuple] = []
     notes: List[str] = []
     html_path = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_csv(out / "final_metrics.csv", headers, raw)
-        write_csv(out / "config_diff.csv", *diff_rows(runs, diff))
+        write_csv(out / "config_diff.csv", *diff_table)
         if plots:
-            images, notes = plot_all(runs, out, extra)
-        html_path = write_html(out / "report.html", runs, (headers, text), diff_table, images, notes,
+            images, notes = plot_all(rows, out, extra)
+        html_path = write_html(out / "report.html", rows, (headers, text), diff_table, images, notes,
                                setup_line(shared, differ, diff), warning)
     if echo:
         if warning:
@@ -90,7 +98,7 @@ def compare(runs: List[RunData], out: Optional[Path] = None, extra: Sequence[str
         if out is not None:
             print(f"\nwrote {', '.join(str(p) for _, p in images)}" if images else "")
             print(f"wrote {html_path}", flush=True)
-    return Comparison(runs, headers, raw, text, diff, images, notes, html_path)
+    return Comparison(rows, headers, raw, text, diff, images, notes, html_path)
 
 
 def setup_line(shared: Dict[str, Any], differ: Sequence[str], diff: Dict[str, List[Any]]) -> str:
@@ -112,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --wandb: keep runs whose config KEY (e.g. temperature.mode), tags, group, state ... "
                         "equals VALUE (repeatable, all must hold)")
     p.add_argument("--no-plots", action="store_true", help="tables and HTML only")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="leave out the baseline rows (raw-pixel results given or found among the runs, the random-init "
+                        "results of `simclr-tau knn RUN --random-init` in the runs' summaries)")
     return p
 
 
@@ -122,12 +133,12 @@ def main(argv: Optional[List[str]] = None) -> Comparison:
         raise UserError("--filter applies to --wandb ENTITY/PROJECT runs; local runs are chosen by their directories")
     if not args.runs and not args.wandb:
         raise UserError("nothing to compare: give run directories or --wandb ENTITY/PROJECT")
-    runs = [load_run_dir(p) for p in expand_run_dirs(args.runs)]
+    runs = [load_pixels_dir(p) if is_pixels_dir(p) else load_run_dir(p) for p in expand_run_dirs(args.runs, is_pixels_dir)]
     if args.wandb:
         from simclr_tau.records.wandb_reader import load_wandb_runs
 
         runs += load_wandb_runs(args.wandb, args.filter, args.metric)
-    return compare(runs, Path(args.out), args.metric, plots=not args.no_plots)
+    return compare(runs, Path(args.out), args.metric, plots=not args.no_plots, baselines=not args.no_baselines)
 
 
 if __name__ == "__main__":

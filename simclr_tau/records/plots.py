@@ -55,6 +55,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+BASELINE_GREY = "#666666"
 
 
 def line_styles(runs: Sequence[RunData]) -> Dict[str, Dict[str, Any]]:
@@ -200,8 +201,8 @@ def plot_final_metrics(runs: Sequence[RunData], keys: Sequence[Tuple[str, str]],
 
     A dot plot rather than bars: bars must start at 0, which hides the sub-point differences between runs.
     Runs are named on the value axis of the first panel of each row (long names wrapped), top to bottom in
-    the given order; runs without a finite value are left out of that panel. ``scale`` multiplies a key's
-    values (ECE fractions -> %).
+    the given order; runs without a finite value are left out of that panel; baselines are hollow grey
+    diamonds with their names in italics. ``scale`` multiplies a key's values (ECE fractions -> %).
     """
     import textwrap
 
@@ -225,12 +226,18 @@ def plot_final_metrics(runs: Sequence[RunData], keys: Sequence[Tuple[str, str]],
     for n, (ax, (key, label)) in enumerate(zip(axes.flat, keys)):
         shown = [(i, r.final[key] * scale.get(key, 1.0)) for i, r in enumerate(runs) if finite(r, key)]
         for i, v in shown:
-            ax.scatter([v], [i], color=colors[runs[i].name], s=36, zorder=3)
+            if runs[i].baseline:  # a hollow grey diamond: a reference, not a competitor
+                ax.scatter([v], [i], marker="D", facecolors="none", edgecolors=BASELINE_GREY, s=36, zorder=3)
+            else:
+                ax.scatter([v], [i], color=colors[runs[i].name], s=36, zorder=3)
             ax.annotate(f"{v:.4g}", (v, i), va="center", fontsize=7, xytext=(5, 0), textcoords="offset points")
         lo, hi = value_limits([v for _, v in shown])
         ax.set_xlim(lo, hi + 0.15 * (hi - lo))  # room for the printed values on the right
         ax.set_ylim(len(runs) - 0.5, -0.5)  # run 1 on top
         ax.set_yticks(range(len(runs)), names if n % ncol == 0 else [""] * len(runs), fontsize=8)
+        for tick, r in zip(ax.get_yticklabels(), runs):
+            if r.baseline:
+                tick.set_fontstyle("italic")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -36,11 +36,15 @@ def _cell(c: Any) -> str:
     return f"<td><b>{text}</b></td>" if text.endswith(BEST) else f"<td>{text}</td>"
 
 
-def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], sortable: bool = False) -> str:
-    """A table inside a container that scrolls sideways (the page itself never overflows)."""
+def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], sortable: bool = False,
+                marked: Sequence[bool] = ()) -> str:
+    """A table inside a container that scrolls sideways (the page itself never overflows); the rows ``marked``
+    True are baselines (greyed, in italics)."""
     head = "".join(f"<th title='click to sort'>{html.escape(str(h))}</th>" if sortable else f"<th>{html.escape(str(h))}</th>"
                    for h in headers)
-    body = "".join("<tr>" + "".join(_cell(c) for c in r) + "</tr>" for r in rows)
+    marked = list(marked) + [False] * (len(rows) - len(marked))
+    body = "".join(("<tr class='baseline'>" if m else "<tr>") + "".join(_cell(c) for c in r) + "</tr>"
+                   for r, m in zip(rows, marked))
     cls = " class='sortable'" if sortable else ""
     return f"<div class='scroll'><table{cls}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
@@ -48,20 +52,23 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], sortable:
 def write_html(path: Path, runs: Sequence[RunData], table: tuple, diff_table: tuple, images: Sequence[tuple],
                notes: Sequence[str], setup: str = "", warning: Optional[str] = None) -> Path:
     """The self-contained report: the setup the runs share, a mixed-datasets warning, the sortable metrics
-    table (best per column in bold), the config differences and the PNGs as data URIs."""
+    table (best per column in bold, baseline rows greyed), the config differences and the PNGs as data URIs."""
     style = ("body{font-family:sans-serif;margin:2em;color:#222;max-width:100%}table{border-collapse:collapse}"
              ".scroll{overflow-x:auto;margin:1em 0;max-width:100%}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:13px;vertical-align:top}"
              "td:first-child{max-width:16em;overflow-wrap:anywhere}th{background:#f3f3f3}"
              "table.sortable th{cursor:pointer}.warning{background:#fff3cd;border:1px solid #e0b000;padding:0.5em}"
+             "tr.baseline td{background:#f6f6f6;color:#555;font-style:italic}"
              "img{max-width:100%;border:1px solid #eee;margin:0.5em 0}")
+    marks = [bool(r.baseline) for r in runs]
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>simclr-tau comparison</title>"
              f"<style>{style}</style></head><body><h1>simclr-tau run comparison</h1>",
-             f"<p>{len(runs)} runs, generated {html.escape(time.strftime('%Y-%m-%d %H:%M:%S'))}</p>",
+             f"<p>{_count(runs)}, generated {html.escape(time.strftime('%Y-%m-%d %H:%M:%S'))}</p>",
              f"<p><b>{html.escape(setup)}</b></p>" if setup else "",
              f"<p class='warning'>warning: {html.escape(warning)}</p>" if warning else "",
-             _html_table(["run", "source"], [[r.name, r.source] for r in runs]),
-             "<h2>Final metrics</h2>", _html_table(*table, sortable=True), f"<p><small>{html.escape(TABLE_NOTE)}</small></p>",
+             _html_table(["run", "source"], [[r.name, r.source] for r in runs], marked=marks),
+             "<h2>Final metrics</h2>", _html_table(*table, sortable=True, marked=marks),
+             f"<p><small>{html.escape(TABLE_NOTE)}</small></p>",
              "<h2>Config differences</h2>",
              _html_table(*diff_table) if diff_table[1] else "<p>identical configs (apart from run names)</p>",
              "<h2>Plots</h2>"]
@@ -73,6 +80,11 @@ def write_html(path: Path, runs: Sequence[RunData], table: tuple, diff_table: tu
     parts.append(SORT_JS + "</body></html>")
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+def _count(runs: Sequence[RunData]) -> str:
+    n_base = sum(1 for r in runs if r.baseline)
+    return f"{len(runs) - n_base} runs" + (f" and {n_base} baseline{'s' if n_base > 1 else ''}" if n_base else "")
 
 
 def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

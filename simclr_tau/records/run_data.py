@@ -14,20 +14,23 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from simclr_tau.errors import UserError
 
 
 @dataclass
 class RunData:
-    """One run, wherever it came from: flattened config, final metrics, logged rows (with step / epoch)."""
+    """One run, wherever it came from: flattened config, final metrics, logged rows (with step / epoch).
+    A baseline (raw pixels, a random-init encoder: :mod:`simclr_tau.records.baselines`) names its kind in
+    ``baseline``; a trained run leaves it empty."""
 
     name: str
     source: str
     config: Dict[str, Any]
     final: Dict[str, float]
     history: List[Dict[str, Any]] = field(default_factory=list)
+    baseline: str = ""
 
     def series(self, key: str, x: str = "step") -> tuple[list, list]:
         """(xs, ys) of every logged row that has ``key`` (finite values only), in logging order."""
@@ -94,8 +97,8 @@ def load_run_dir(path: str | Path) -> RunData:
     if not p.exists():
         raise UserError(f"{p}: no such run directory")
     if not p.is_dir() or not _is_run_dir(p):
-        raise UserError(f"{p}: not a run directory (no metrics.jsonl or summary.json); give the directories "
-                        f"that pretraining wrote under train.output_dir")
+        raise UserError(f"{p}: not a run directory (no metrics.jsonl or summary.json) nor raw-pixel results; give "
+                        f"the directories that pretraining (or `simclr-tau knn pixels`) wrote under train.output_dir")
     summary: Dict[str, Any] = {}
     if (p / "summary.json").is_file():
         try:
@@ -117,13 +120,14 @@ def load_run_dir(path: str | Path) -> RunData:
                    final=final_metrics(history, summary), history=history)
 
 
-def expand_run_dirs(paths: Sequence[str]) -> List[Path]:
-    """Run directories as given; a directory that holds runs (e.g. ``runs/``) stands for all of them."""
+def expand_run_dirs(paths: Sequence[str], also: Callable[[Path], bool] = lambda p: False) -> List[Path]:
+    """Run directories as given; a directory that holds runs (e.g. ``runs/``) stands for all of them (and for
+    the directories ``also`` accepts, such as a raw-pixel baseline's)."""
     out: List[Path] = []
     for s in paths:
         p = Path(s)
-        if p.is_dir() and not _is_run_dir(p):
-            children = sorted(c for c in p.iterdir() if c.is_dir() and _is_run_dir(c))
+        if p.is_dir() and not _is_run_dir(p) and not also(p):
+            children = sorted(c for c in p.iterdir() if c.is_dir() and (_is_run_dir(c) or also(c)))
             if children:
                 out += children
                 continue

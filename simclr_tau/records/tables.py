@@ -15,7 +15,9 @@ NOT_A_DIFFERENCE = ("train.run_name", "train.output_dir", "train.progress")
 NOT_A_DIFFERENCE_PREFIXES = ("wandb.", "_")
 MISSING = "—"
 TABLE_NOTE = ("accuracies in %; ECE in % (as `simclr-tau linear` prints it); ★ / bold: the best run of a metric "
-              "column; final τ of a per-sample τ: batch mean (min–max); — : not logged / not evaluated")
+              "column; baseline rows (raw pixels, random init; same evaluators) are not ranked; "
+              "final τ of a per-sample τ: batch mean (min–max); — : not logged / not evaluated")
+BASELINE = "baseline"  # the method column of a baseline row
 BEST = " ★"
 # The setup a comparison states in its header: flattened config key -> label.
 SETUP_KEYS = (("data.name", "dataset"), ("model.backbone", "backbone"), ("train.method", "method"),
@@ -111,8 +113,8 @@ def _tau_text(r: RunData) -> str:
 def metric_columns(runs: Sequence[RunData], extra: Sequence[str] = ()) -> List[Column]:
     cols = [
         Column("run", lambda r: r.name),
-        Column("method", lambda r: r.config.get("train.method", MISSING)),
-        Column("τ mode", _tau_mode),
+        Column("method", lambda r: f"{BASELINE}: {r.baseline}" if r.baseline else r.config.get("train.method", MISSING)),
+        Column("τ mode", lambda r: MISSING if r.baseline else _tau_mode(r)),
         Column("final loss", lambda r: r.final.get("final/train_loss", r.final.get("train/loss"))),
         Column("final τ", final_tau, _tau_text),
     ]
@@ -127,16 +129,18 @@ def metric_columns(runs: Sequence[RunData], extra: Sequence[str] = ()) -> List[C
 
 
 def metric_table(runs: Sequence[RunData], extra: Sequence[str] = ()) -> tuple[List[str], List[List[Any]], List[List[str]]]:
-    """(headers, raw rows, text rows) of the final-metrics table, one row per run."""
+    """(headers, raw rows, text rows) of the final-metrics table, one row per run (baselines too: marked in the
+    method column, never the best of a column)."""
     cols = metric_columns(runs, extra)
     raw = [[c.value(r) for c in cols] for r in runs]
     text = [[(c.text(r) if c.text else fmt(v)) for c, v in zip(cols, row)] for r, row in zip(runs, raw)]
+    ranked = [i for i, r in enumerate(runs) if not r.baseline]
     for j, c in enumerate(cols):
-        vals = [row[j] for row in raw if isinstance(row[j], (int, float)) and math.isfinite(row[j])]
-        if c.best and len(runs) > 1 and vals:
+        vals = [raw[i][j] for i in ranked if isinstance(raw[i][j], (int, float)) and math.isfinite(raw[i][j])]
+        if c.best and len(ranked) > 1 and vals:
             target = max(vals) if c.best == "max" else min(vals)
-            for i, row in enumerate(raw):
-                if row[j] == target:
+            for i in ranked:
+                if raw[i][j] == target:
                     text[i][j] += BEST
     return [c.header for c in cols], raw, text
 

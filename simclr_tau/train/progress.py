@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Mapping, Sequence
 
+from simclr_tau.models.export import TIMM_CONFIG
+
 
 def is_terminal() -> bool:
     """Whether stdout and stderr (the bar's stream) are both terminals."""
@@ -136,7 +138,13 @@ def run_summary(result: Any, command: str) -> str:
         epochs = _num(last.get("epoch", 0), ".3g")
         head = f"done: {result.step} steps ({epochs} epoch{'' if epochs == '1' else 's'})"
         encoder = run_dir / "encoder.safetensors"
-        tail = [f"encoder: {encoder}" if encoder.is_file() else "encoder: not written",
+        if not encoder.is_file():
+            where = "encoder: not written"
+        elif (run_dir / TIMM_CONFIG).is_file():  # written by the export where plain timm rebuilds the encoder
+            where = f"encoder: {encoder} (timm: timm.create_model('local-dir:{run_dir}', pretrained=True))"
+        else:
+            where = f"encoder: {encoder} (load_encoder only: plain timm cannot build its stem)"
+        tail = [where,
                 f"next: simclr-tau knn {run_dir}"]
     return "\n".join([f"{head}: {', '.join(parts)}" if parts else head, *tail[:1], f"run directory: {run_dir}",
                       *tail[1:]])

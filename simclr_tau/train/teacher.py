@@ -24,10 +24,8 @@ from simclr_tau.fileio import atomic_write
 
 def load_teacher_encoder(tc: Any, in_chans: int) -> Tuple[torch.nn.Module, Dict[str, Any], str]:
     """(frozen encoder, metadata {image_size, mean, std} (None = the student's), description). UserError if unusable."""
-    from safetensors.torch import load_file
-
     from simclr_tau.models.encoder import build_encoder, load_encoder_weights
-    from simclr_tau.models.export import load_encoder
+    from simclr_tau.models.export import encoder_weights, load_encoder
     from simclr_tau.train.checkpoint import latest_valid_checkpoint, load_checkpoint
 
     p = Path(tc.path)
@@ -51,7 +49,7 @@ def load_teacher_encoder(tc: Any, in_chans: int) -> Tuple[torch.nn.Module, Dict[
             if tc.model is not None:  # an explicit architecture must match the file
                 model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), tc.model)
                 encoder, _ = build_encoder(model_cfg, meta["in_chans"])
-                load_encoder_weights(encoder, load_file(str(p)), f"teacher.path={p}")
+                load_encoder_weights(encoder, encoder_weights(p), f"teacher.path={p}")
             meta = {k: meta[k] for k in ("in_chans", "image_size", "mean", "std")}
         else:
             state = load_checkpoint(p)

@@ -1,8 +1,10 @@
 """Held-out classes as out-of-distribution: the AUROC against its pairwise definition (ties included), the
-kNN distance and the leave-one-out kNN against brute force, the report on hand-made features."""
+kNN distance against brute force, the report on hand-made features, and ``simclr-tau ood`` on real tiny runs
+(6 synthetic classes, pretrained on 4) of a conditional τ (both objectives), a per-sample dro τ and a fixed τ."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from simclr_tau.config import load_config
 from simclr_tau.errors import UserError
 from simclr_tau.evaluation.ood import auroc, knn_distance, leave_one_out_search, ood_report, train_error_report
 
@@ -122,3 +125,155 @@ def test_train_error_report_matches_a_brute_force_leave_one_out_knn() -> None:
     assert r["knn_top1"] == pytest.approx(100 * correct.double().mean().item())
     assert r["auroc_tau_error"] == pytest.approx(auroc(tau, ~correct))
     assert train_error_report(feats, labels, 3, k=5, T=0.1)["auroc_tau_error"] is None
+
+
+# ---- simclr-tau ood on real tiny runs -------------------------------------------------------------------
+
+RUNS = {
+    "fixed": ["temperature.mode=fixed", "temperature.init=0.2"],
+    "conditional": ["temperature.mode=conditional", "temperature.init=0.2", "temperature.hidden_dim=8",
+                    "optim.lr=2.0"],
+    "conditional-dro": ["temperature.mode=conditional", "temperature.objective=dro", "temperature.init=0.2",
+                        "temperature.hidden_dim=8", "optim.lr=2.0"],
+    "dro-per-sample": ["temperature.mode=dro", "temperature.dro.per_sample=true", "temperature.init=0.2"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    from simclr_tau.train.pretrain import run
+
+    root = tmp_path_factory.mktemp("ood_runs")
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "disabled")
+        for name, extra in RUNS.items():
+            cfg = load_config(TINY, [*SIX_TRAIN_FOUR, f"train.output_dir={root}", f"train.run_name={name}",
+                                     "train.max_steps=3", *extra])
+            out[name] = run(cfg).run_dir
+    return out
+
+
+def _ood(argv, capsys) -> tuple:
+    from simclr_tau.cli import main
+
+    main(["ood", *argv])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["conditional", "conditional-dro"])
+def test_conditional_tau_run_gets_tau_aurocs_that_match_an_independent_computation(runs, name, capsys) -> None:
+    from simclr_tau.data.augment import eval_transform
+    from simclr_tau.data.datasets import build_eval_datasets
+    from simclr_tau.evaluation.diagnostics import load_method
+    from simclr_tau.models.export import load_encoder
+
+    run_dir = runs[name]
+    printed = _ood([str(run_dir)], capsys)
+    data = json.loads((run_dir / "eval" / "ood.json").read_text())
+    assert data["id_classes"] == [0, 1, 2, 3] and data["ood_classes"] == [4, 5]
+    assert data["ood_class_names"] == ["class4", "class5"]
+    assert data["n_id"] == 16 and data["n_ood"] == 8 and data["k"] == 20
+    assert data["auroc_tau_reason"] is None
+    for key in ("auroc_knn_distance", "auroc_tau", "auroc_tau_id_error"):
+        assert 0.0 <= data[key] <= 1.0
+    assert 0.0 <= data["knn_top1_id"] <= 100.0
+    # recompute: τ from the checkpoint's τ head, distances from the exported encoder, by brute force
+    cfg = load_config(run_dir / "config.yaml")
+    full = load_config(run_dir / "config.yaml", ["data.classes=null"])
+    train, _ = build_eval_datasets(cfg.data)
+    _, test = build_eval_datasets(full.data)
+    encoder, meta = load_encoder(run_dir / "encoder.safetensors")
+    tf = eval_transform(16, 1, meta["mean"], meta["std"])
+    m = load_method(run_dir, cfg, 1)
+    with torch.no_grad():
+        tau = m.temperature(m.projector(m.encoder(tf(test.images))))
+        f_train, f_test = F.normalize(encoder(tf(train.images)), dim=1), F.normalize(encoder(tf(test.images)), dim=1)
+    dist = 1 - (f_test @ f_train.T).sort(dim=1, descending=True).values[:, 19]
+    is_ood = test.labels >= 4
+    assert tau.std() > 0  # the τ head moved: the AUROC is not the all-ties 0.5
+    assert data["auroc_tau"] == pytest.approx(auroc(tau, is_ood), abs=1e-6)
+    assert data["auroc_knn_distance"] == pytest.approx(auroc(dist, is_ood), abs=1e-6)
+    with torch.no_grad():
+        tau_train = m.temperature(m.projector(m.encoder(tf(train.images))))
+    loo_wrong = ~brute_force_loo_correct(f_train, train.labels, 20, 0.07, 4)
+    assert data["train_leave_one_out"]["auroc_tau_error"] == pytest.approx(auroc(tau_train, loo_wrong), abs=1e-6)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ood/auroc_tau"] == pytest.approx(data["auroc_tau"])
+    assert summary["ood/auroc_knn_distance_k20"] == pytest.approx(data["auroc_knn_distance"])
+    assert summary["ood/knn_top1_id_k20_t0.07"] == pytest.approx(data["knn_top1_id"])
+    label = "τ_i (conditional, dro)" if name == "conditional-dro" else "τ_i (conditional)"
+    assert "kNN distance, k=20" in printed and label in printed and "wrote" in printed
+
+
+@pytest.mark.parametrize("name, reason", [("fixed", "temperature.mode=fixed: no per-sample τ"),
+                                          ("dro-per-sample", "n/a (τ_i exists only for training images)")])
+def test_runs_without_tau_for_unseen_images_report_null_with_the_reason(runs, name, reason, capsys) -> None:
+    run_dir = runs[name]
+    printed = _ood([str(run_dir), "--k", "10", "--out", str(run_dir / "ood_k10")], capsys)
+    data = json.loads((run_dir / "ood_k10" / "ood.json").read_text())
+    assert data["auroc_tau"] is None and data["auroc_tau_id_error"] is None and data["auroc_tau_reason"] == reason
+    assert 0.0 <= data["auroc_knn_distance"] <= 1.0 and data["k"] == 10
+    assert reason in printed
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "ood/auroc_knn_distance_k10" in summary and "ood/auroc_tau" not in summary
+    loo = data["train_leave_one_out"]
+    if name == "fixed":
+        assert loo["auroc_tau_error"] is None and loo["auroc_tau_reason"] == reason
+    else:  # the table's τ_i of the training images, against their leave-one-out kNN errors
+        from simclr_tau.data.datasets import build_eval_datasets
+        from simclr_tau.models.export import load_encoder
+        from simclr_tau.train.checkpoint import list_checkpoints, load_checkpoint
+
+        cfg = load_config(run_dir / "config.yaml")
+        train, _ = build_eval_datasets(cfg.data)
+        table = load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["model"]["temperature.tau"]
+        encoder, meta = load_encoder(run_dir / "encoder.safetensors")
+        from simclr_tau.data.augment import eval_transform
+
+        with torch.no_grad():
+            f_train = encoder(eval_transform(16, 1, meta["mean"], meta["std"])(train.images))
+        wrong = ~brute_force_loo_correct(f_train, train.labels, 10, 0.07, 4)
+        assert table.shape == (64,) and loo["auroc_tau_reason"] is None
+        assert loo["auroc_tau_error"] == pytest.approx(auroc(table, wrong), abs=1e-6)
+        assert summary["ood/auroc_tau_train_error"] == pytest.approx(loo["auroc_tau_error"])
+
+
+def test_raw_pixels_separate_the_held_out_patterns(tmp_path, capsys) -> None:
+    """Synthetic classes are distinct smooth patterns: held-out ones are far from every training image in pixel
+    space, a case built to be separable."""
+    _ood(["pixels", "--config", TINY, *SIX_TRAIN_FOUR, "data.synthetic_size=240", "--out", str(tmp_path)], capsys)
+    data = json.loads((tmp_path / "ood.json").read_text())
+    assert data["n_ood"] == 20 and data["auroc_knn_distance"] > 0.9
+    assert data["auroc_tau_reason"] == "no temperature head (pixels / random init)"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pixels", "--config", TINY, "data.synthetic_classes=6"], "data.classes is not set"),
+    (["pixels", "--config", TINY, "data.synthetic_classes=6", "data.classes=[0,1,2,3,4,5]"], "none is held out"),
+])
+def test_user_errors_are_one_line(argv, message, capsys) -> None:
+    from simclr_tau.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["ood", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_changing_the_classes_of_a_run_is_refused(runs, capsys) -> None:
+    from simclr_tau.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["ood", str(runs["fixed"]), "data.classes=[0,1,2,4]"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "pretrained on data.classes=[0, 1, 2, 3]" in err
+
+
+def test_help_is_reached_through_simclr_tau(capsys) -> None:
+    from simclr_tau.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["ood", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: simclr-tau ood ") and "--k" in out

@@ -4,6 +4,7 @@
     simclr-tau config CONFIG [a.b=value ...]      the resolved config (every default filled in), as YAML
     simclr-tau knn RUN_DIR|ENCODER [...]          (see simclr-tau knn --help)
     simclr-tau linear RUN_DIR|ENCODER [...]
+    simclr-tau ood RUN_DIR [...]                  (a run pretrained with data.classes: the others are OOD)
     simclr-tau compare RUN_DIR ... | --wandb ENTITY/PROJECT
     simclr-tau distill CONFIG [a.b=value ...] [--resume auto]
     simclr-tau --version
@@ -22,6 +23,7 @@ SUBCOMMANDS = {
     "config": ("simclr_tau.config.cli", "main", "print the resolved config (every default filled in) as YAML"),
     "knn": ("simclr_tau.evaluation.cli", "knn_main", "FAISS kNN evaluation of a frozen encoder"),
     "linear": ("simclr_tau.evaluation.cli", "linear_main", "linear probe (+ temperature-scaling calibration)"),
+    "ood": ("simclr_tau.evaluation.cli", "ood_main", "held-out classes as OOD: AUROC of per-image τ and of kNN distance"),
     "compare": ("simclr_tau.records.compare", "main", "compare runs: table of final metrics and config differences, plots"),
     "distill": ("simclr_tau.distill", "main", "knowledge distillation from a pretrained teacher"),
 }

@@ -16,9 +16,9 @@ import torch
 from simclr_tau.config import load_config, to_yaml
 from simclr_tau.data.augment import eval_transform
 from simclr_tau.data.datasets import build_eval_datasets, normalization
-from simclr_tau.evaluation.calibration import auroc
 from simclr_tau.evaluation.cli import knn_main, linear_main
 from simclr_tau.evaluation.knn import knn_classify
+from simclr_tau.evaluation.ood import auroc
 from simclr_tau.methods import build_method
 from simclr_tau.models.encoder import build_encoder
 from simclr_tau.models.export import load_encoder, save_encoder

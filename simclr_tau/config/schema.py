@@ -96,6 +96,10 @@ class DataConfig:
     channels: str = "native"  # native: in_chans as stored (1 for grayscale) | rgb: repeat grayscale to 3
     image_size: Optional[int] = None  # None = the dataset's native size
     subset: Optional[int] = None  # use only the first n training images (debugging, tests)
+    # train and evaluate on these class indices only (>= 2, unique; e.g. [0,1,2,3,4,5,6,7]), relabelled 0..K-1 in
+    # ascending order of the original index (class names kept); every split is filtered, data.subset then takes the
+    # first n kept images; None = every class. `simclr-tau ood` treats the other classes as out-of-distribution
+    classes: Optional[List[int]] = None
     pipeline: str = "auto"  # auto | batched (uint8 dataset on the device, augmented in batches) | dataloader (per-sample torchvision in workers); auto = batched for in-memory datasets
     num_workers: int = 2  # DataLoader worker processes per training process (dataloader pipeline)
     folder_cache_mb: float = 1024.0  # imagefolder: decode a tree whose uint8 N x C x S x S fits in this many MiB once into memory (cached on disk) and train it batched; 0 = always per sample

@@ -29,6 +29,23 @@ PARAMETRIZATIONS = ("log", "softplus", "relu")
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "exponential", "step", "plateau")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic", "mixture")
 METHODS = ("simclr", "mocov2", "mocov3")
+# the class count of each dataset whose name tells it (synthetic: data.synthetic_classes; imagefolder: its tree)
+NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "stl10": 10}
+
+
+def check_classes(classes: Optional[Sequence[int]], num_classes: Optional[int], field_name: str = "data.classes") -> None:
+    """``data.classes``: None, or at least 2 unique class indices in [0, num_classes) (None: count not known yet)."""
+    if classes is None:
+        return
+    cs = [int(c) for c in classes]
+    if len(cs) < 2:
+        raise UserError(f"{field_name}={cs} must list at least 2 classes (contrastive pretraining and kNN need two)")
+    if len(set(cs)) != len(cs):
+        raise UserError(f"{field_name}={cs} lists a class more than once")
+    bad = [c for c in cs if c < 0 or (num_classes is not None and c >= num_classes)]
+    if bad:
+        upper = f"{num_classes - 1}" if num_classes is not None else "the number of classes - 1"
+        raise UserError(f"{field_name}={cs}: {bad} outside the class indices 0..{upper}")
 
 
 def validate_schedule(s: Any, prefix: str) -> None:
@@ -113,6 +130,11 @@ def validate(cfg: Any) -> None:
     if (cfg.data.name == "mixture") != bool(cfg.data.sources):
         raise UserError("data.name=mixture needs data.sources (a list of data.* overrides with a score each), "
                         "and data.sources needs data.name=mixture")
+    if cfg.data.name == "mixture" and cfg.data.classes is not None:
+        raise UserError("data.classes does not apply to data.name=mixture: give each source its own "
+                        "(data.sources[i].classes)")
+    synthetic = cfg.data.synthetic_classes if cfg.data.name == "synthetic" else None
+    check_classes(cfg.data.classes, NUM_CLASSES.get(cfg.data.name, synthetic))
     _choice(cfg.train.method, "train.method", METHODS)
     robust = cfg.temperature.mode == "dro" or cfg.temperature.objective == "dro"
     if robust and cfg.train.method == "mocov3":

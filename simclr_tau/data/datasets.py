@@ -17,11 +17,12 @@ import gzip
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from simclr_tau.config.validate import check_classes
 from simclr_tau.data.folders import CorruptImageError, FolderImageDataset, load_folder  # noqa: F401 (re-exported)
 from simclr_tau.data.images import ImageDataset, TensorImageDataset
 from simclr_tau.errors import UserError
@@ -144,11 +145,13 @@ def _build(cfg: Any, split: str) -> ImageDataset:
                         "'simclr-tau knn RUN_DIR data.name=fashion_mnist data.sources=[] data.root=...'")
     else:
         raise UserError(f"data.name={name!r} is not valid")
-    return _to_channels(ds, cfg.channels)
+    ds = _to_channels(ds, cfg.channels)
+    return keep_classes(ds, cfg.classes) if cfg.classes is not None else ds
 
 
 def build_pretrain_dataset(cfg: Any) -> ImageDataset:
-    """The training set used for pretraining (STL-10: train+unlabeled), cut to ``data.subset`` if set."""
+    """The training set used for pretraining (STL-10: train+unlabeled), the images of ``data.classes`` if set,
+    cut to ``data.subset`` if set (the first n images kept)."""
     ds = _build(cfg, "pretrain" if cfg.name == "stl10" else "train")
     if cfg.subset is not None:
         ds = subset(ds, cfg.subset)
@@ -156,7 +159,7 @@ def build_pretrain_dataset(cfg: Any) -> ImageDataset:
 
 
 def build_eval_datasets(cfg: Any) -> Tuple[ImageDataset, ImageDataset]:
-    """(labelled train split, test split) for kNN / linear evaluation."""
+    """(labelled train split, test split) for kNN / linear evaluation, both cut to ``data.classes`` if set."""
     return _build(cfg, "train"), _build(cfg, "test")
 
 
@@ -166,6 +169,23 @@ def subset(ds: ImageDataset, n: int) -> ImageDataset:
         raise UserError("data.subset is only supported for in-memory datasets (not imagefolder)")
     n = min(n, len(ds))
     return TensorImageDataset(ds.images[:n], ds.labels[:n], ds.classes)
+
+
+def keep_classes(ds: ImageDataset, classes: Sequence[int]) -> ImageDataset:
+    """The images of ``ds`` whose label is in ``classes`` (``data.classes``), relabelled 0..K-1 in ascending order
+    of the original label, class names kept (a K-class dataset to every reader: kNN votes, probe heads, top-5).
+
+    Unlabelled images (STL-10's label -1) are dropped: nothing says they belong to the kept classes.
+    """
+    check_classes(classes, ds.num_classes)
+    if ds.images is None:
+        raise UserError("data.classes is only supported for in-memory datasets (imagefolder: a tree that fits "
+                        "data.folder_cache_mb)")
+    kept = sorted(int(c) for c in classes)
+    mask = torch.isin(ds.labels, torch.tensor(kept))
+    new_label = torch.full((ds.num_classes,), -1, dtype=torch.long)
+    new_label[kept] = torch.arange(len(kept))
+    return TensorImageDataset(ds.images[mask], new_label[ds.labels[mask]], [ds.classes[c] for c in kept])
 
 
 @dataclass

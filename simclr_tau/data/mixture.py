@@ -295,8 +295,8 @@ def build_mixture(data_cfg: Any, sources: Sequence[Any], mixture: Any, *, seed: 
     if mix.weighting not in WEIGHTINGS:
         raise UserError(f"data.mixture.weighting={mix.weighting!r} is not valid; accepted: {', '.join(WEIGHTINGS)}")
     base = _plain(data_cfg)
-    # every source inherits the parent's settings (channels, image_size, ...) except its own name/subset
-    base = {k: v for k, v in base.items() if k in DataConfig.__dataclass_fields__ and k not in ("name", "subset")}
+    # every source inherits the parent's settings (channels, image_size, ...) except its own name/subset/classes
+    base = {k: v for k, v in base.items() if k in DataConfig.__dataclass_fields__ and k not in ("name", "subset", "classes")}
     sources = [_plain(s) for s in sources]
     datasets, scores = [], []
     for i, src in enumerate(sources):

@@ -173,21 +173,3 @@ def calibrate(val_logits: Tensor, val_labels: Tensor, test_logits: Tensor, test_
         out["reliability_png"] = str(reliability_diagram(test_logits, test_labels, T, png_path, n_bins, "test"))
     return out
 
-
-def auroc(scores: Tensor, positives: Tensor) -> float:
-    """Area under the ROC curve of ``scores`` for detecting ``positives`` (Mann-Whitney U / (n+ n-),
-    ties counted 1/2). NaN when one class is empty."""
-    s, p = scores.double().flatten(), positives.bool().flatten()
-    n_pos, n_neg = int(p.sum()), int((~p).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    # average ranks (1-based) with ties sharing their mean rank
-    order = torch.argsort(s)
-    sorted_s = s[order]
-    ranks = torch.empty_like(s)
-    uniq, inverse, counts = torch.unique_consecutive(sorted_s, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).double()
-    mean_rank = ends - (counts.double() - 1) / 2
-    ranks[order] = mean_rank[inverse]
-    u = ranks[p].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))

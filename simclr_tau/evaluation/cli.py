@@ -1,8 +1,9 @@
-"""``simclr-tau knn`` and ``simclr-tau linear``: evaluate a frozen encoder (the command lines; what a TARGET
-is: :mod:`simclr_tau.evaluation.targets`, where results go: :mod:`simclr_tau.evaluation.results`).
+"""``simclr-tau knn``, ``simclr-tau linear`` and ``simclr-tau ood``: evaluate a frozen encoder (the command lines;
+what a TARGET is: :mod:`simclr_tau.evaluation.targets`, where results go: :mod:`simclr_tau.evaluation.results`).
 
     simclr-tau knn TARGET [a.b=value ...] [--random-init] [--k 20 200] [--t 0.07 0.1] [--out DIR] [--batch-size N]
     simclr-tau linear TARGET [a.b=value ...] [--mode fast|augmented] [--optimizer sgd|adamw|lbfgs] [--epochs N] ...
+    simclr-tau ood TARGET [a.b=value ...] [--k 20] [--t 0.07] [--out DIR]   (a run pretrained with data.classes)
     accelerate launch eval/knn.py TARGET ...            (features sharded over processes)
 
 TARGET is a run directory (config.yaml + encoder.safetensors), an ``encoder.safetensors`` (its run's
@@ -12,8 +13,9 @@ run's config (e.g. ``data.root=/usr/share/datasets/fashion-mnist``). ``--random-
 architecture with fresh seeded weights (the baseline a pretrained encoder must beat).
 
 Outputs: ``<run>/eval/knn.json`` (``knn_random_init.json``), ``<run>/eval/linear.json`` + ``reliability.png``,
+``<run>/eval/ood.json`` (the scores: :mod:`simclr_tau.evaluation.ood`),
 features cached in ``<run>/eval/cache/``; headline numbers merged into ``<run>/summary.json`` (and the
-run's W&B summary) under ``knn/...``, ``diag/...``, ``linear/...``, ``calib/...``. Accuracies are percent.
+run's W&B summary) under ``knn/...``, ``diag/...``, ``linear/...``, ``calib/...``, ``ood/...``. Accuracies are percent.
 """
 
 from __future__ import annotations
@@ -236,3 +238,118 @@ def linear_main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
           f"NLL {ct['nll_before']:.4f} -> {ct['nll_after']:.4f}  T = {calib['T']:.3f}")
     print(f"wrote {path} and {png}", flush=True)
     return payload
+
+
+# ---- ood ---------------------------------------------------------------------------------------------
+
+def build_ood_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="simclr-tau ood",
+        description="Held-out classes as out-of-distribution: AUROC of the per-image τ and of the kNN distance "
+                    "(to the k-th nearest training feature) for OOD test images and for in-distribution kNN errors.")
+    _common_args(p)
+    p.add_argument("--k", type=int, default=20, help="the neighbour whose distance is the score, and the kNN's k (20)")
+    p.add_argument("--t", type=float, default=0.07, help="vote temperature of the in-distribution kNN (0.07)")
+    return p
+
+
+def _held_out(t: Target) -> Tuple[List[int], Any]:
+    """The run's in-distribution classes (``data.classes``) and the full (unfiltered) test split."""
+    import copy
+
+    from simclr_tau.config import load_config
+    from simclr_tau.data.datasets import build_eval_datasets
+
+    classes = t.cfg.data.classes
+    if classes is None:
+        raise UserError(f"{t.description}: data.classes is not set, so no class is held out; pretrain with "
+                        "e.g. data.classes=[0,1,2,3,4,5,6,7] (the other classes are then out-of-distribution)")
+    if t.run_dir is not None:
+        trained = load_config(t.run_dir / "config.yaml").data.classes
+        if trained is not None and sorted(trained) != sorted(classes):
+            raise UserError(f"{t.run_dir} was pretrained on data.classes={list(trained)}: evaluating it with "
+                            f"data.classes={list(classes)} would call classes it trained on out-of-distribution")
+    full = copy.deepcopy(t.cfg.data)
+    full.classes = None
+    _, full_test = build_eval_datasets(full)
+    if len(set(classes)) == full_test.num_classes:
+        raise UserError(f"data.classes={list(classes)} lists every class of {t.cfg.data.name}: none is held out")
+    return sorted(int(c) for c in classes), full_test
+
+
+@exit_on_user_error
+def ood_main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    from simclr_tau.data.augment import eval_transform
+    from simclr_tau.evaluation.diagnostics import image_tau, training_tau
+    from simclr_tau.evaluation.knn import metric_suffix
+    from simclr_tau.evaluation.ood import SCORE_CONVENTION, ood_report, train_error_report
+    from simclr_tau.evaluation.targets import PIXELS
+
+    args = build_ood_parser().parse_intermixed_args(argv)
+    t, accelerator, train_ds, id_test, batch_size = _setup(args)
+    id_classes, full_test = _held_out(t)
+    if args.k + 1 > len(train_ds):
+        raise UserError(f"--k {args.k} needs more than {args.k} training images (got {len(train_ds)}); use a smaller --k")
+    tr_f, tr_y, te_f, te_y, hits, t_feat = _timed_features(t, args, accelerator, train_ds, full_test, batch_size)
+    if not accelerator.is_main_process:
+        return {}
+    t1 = time.perf_counter()
+    is_id = torch.isin(te_y, torch.tensor(id_classes))  # the filtered test split is these rows, in this order
+    assert int(is_id.sum()) == len(id_test)
+    tau = tau_train = None
+    why = why_train = "no temperature head (pixels / random init)"
+    if t.kind != PIXELS and not t.random_init:
+        clean = eval_transform(t.image_size, t.channels, t.mean, t.std)
+        tau, why = image_tau(t.run_dir, t.cfg, full_test, clean, t.channels, batch_size, accelerator.device)
+        tau_train, why_train = training_tau(t.run_dir, t.cfg, train_ds, clean, t.channels, batch_size,
+                                            accelerator.device)
+    C, k, T = train_ds.num_classes, args.k, args.t
+    report = ood_report(tr_f, tr_y, te_f[is_id], id_test.labels, te_f[~is_id], C, k, T,
+                        None if tau is None else tau[is_id], None if tau is None else tau[~is_id])
+    train_loo = train_error_report(tr_f, tr_y, C, k, T, tau_train)
+    train_loo["auroc_tau_reason"] = why_train if tau_train is None else None
+    names = full_test.classes
+    ood_classes = [c for c in range(full_test.num_classes) if c not in id_classes]
+    payload: Dict[str, Any] = {
+        "target": t.description, "kind": t.kind, "random_init": t.random_init,
+        "dataset": {"name": t.cfg.data.name, "root": t.cfg.data.root, "n_train": len(train_ds)},
+        "id_classes": id_classes, "id_class_names": [names[c] for c in id_classes],
+        "ood_classes": ood_classes, "ood_class_names": [names[c] for c in ood_classes],
+        "temperature": {"mode": t.cfg.temperature.mode, "objective": t.cfg.temperature.objective,
+                        "per_sample_table": bool(t.cfg.temperature.mode == "dro" and t.cfg.temperature.dro.per_sample)},
+        **report, "auroc_tau_reason": why if tau is None else None,
+        "train_leave_one_out": train_loo, "score_convention": SCORE_CONVENTION, "cache_hit": hits,
+        "seconds": {"features": t_feat, "scores": time.perf_counter() - t1},
+    }
+    prefix = "ood_random_init" if t.random_init else "ood"
+    payload["metrics"] = {name: v for name, v in {
+        f"{prefix}/auroc_knn_distance_k{k}": report["auroc_knn_distance"],
+        f"{prefix}/auroc_knn_distance_id_error_k{k}": report["auroc_knn_distance_id_error"],
+        f"{prefix}/auroc_knn_distance_train_error_k{k}": train_loo["auroc_knn_distance_error"],
+        f"{prefix}/auroc_tau": report["auroc_tau"], f"{prefix}/auroc_tau_id_error": report["auroc_tau_id_error"],
+        f"{prefix}/auroc_tau_train_error": train_loo["auroc_tau_error"],
+        f"{prefix}/knn_top1_id_{metric_suffix(k, T)}": report["knn_top1_id"]}.items() if v is not None}
+    path = write_json(t.out_dir / f"{prefix}.json", payload)
+    update_run_summary(t, payload["metrics"])
+    _print_ood(payload, path)
+    return payload
+
+
+def _print_ood(p: Dict[str, Any], path: Path) -> None:
+    def cell(v: Optional[float], width: int) -> str:
+        return f"{v:>{width}.3f}" if v is not None else f"{'–':>{width}}"
+
+    loo, tm = p["train_leave_one_out"], p["temperature"]
+    print(f"OOD  {p['target']}  on {p['dataset']['name']}: in-distribution classes {p['id_classes']} "
+          f"({p['dataset']['n_train']} train / {p['n_id']} test), held out {p['ood_classes']} ({p['n_ood']} test)")
+    print(f"{'score (larger = more OOD)':<26} {'AUROC: OOD':>10} {'ID kNN error':>13} {'train kNN error (LOO)':>22}")
+    print(f"{'kNN distance, k=%d' % p['k']:<26} {cell(p['auroc_knn_distance'], 10)} "
+          f"{cell(p['auroc_knn_distance_id_error'], 13)} {cell(loo['auroc_knn_distance_error'], 22)}")
+    label = f"τ_i ({tm['mode']}{', dro' if tm['objective'] == 'dro' else ''})"
+    print(f"{label:<26} {cell(p['auroc_tau'], 10)} {cell(p['auroc_tau_id_error'], 13)} {cell(loo['auroc_tau_error'], 22)}")
+    for what, reason in (("test images", p["auroc_tau_reason"]), ("training images", loo["auroc_tau_reason"])):
+        if reason:
+            print(f"  τ_i of the {what}: {reason}")
+    print(f"kNN top-1 (k={p['k']}, T={p['T']:g}): {p['knn_top1_id']:.2f}% on the in-distribution test images "
+          f"({p['n_knn_errors_id']} wrong), {loo['knn_top1']:.2f}% leave-one-out on the training images")
+    print(f"wrote {path}", flush=True)

@@ -11,20 +11,21 @@
   checkpoint ``run_dir/checkpoints/step_*.pt``; τ_i = temperature(projection of the clean image). Reported:
   AUROC of τ as an uncertainty score for kNN errors (positive = misclassified; 0.5 = uninformative,
   > 0.5 = higher τ on errors), mean τ on correct / wrong predictions and per class. Runs without a
-  per-sample τ get ``{"skipped": reason}``.
+  per-sample τ get ``{"skipped": reason}``. :func:`image_tau` (τ of any images: a conditional τ only) and
+  :func:`training_tau` (also a per-sample dro table's τ_i of its training images) serve ``simclr-tau ood`` too.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from simclr_tau.errors import UserError
-from simclr_tau.evaluation.calibration import auroc
 from simclr_tau.evaluation.features import extract_features
+from simclr_tau.evaluation.ood import auroc
 from simclr_tau.losses.diagnostics import alignment, uniformity
 
 
@@ -92,18 +93,60 @@ def per_sample_tau(method: nn.Module, dataset: Any, transform: Callable, batch_s
     return torch.cat(taus)
 
 
+TABLE_ONLY = "n/a (τ_i exists only for training images)"
+
+
+def image_tau(run_dir: Optional[Path], cfg: Any, dataset: Any, transform: Callable, in_chans: int,
+              batch_size: int = 256, device: Any = "cpu") -> Tuple[Optional[Tensor], str]:
+    """(τ_i of every image of ``dataset`` by the run's τ network, "") or (None, why there is none).
+
+    Only a conditional τ (objective contrastive or dro) is a function of the image; a per-sample dro τ is a
+    table indexed by training image (:data:`TABLE_ONLY`), every other mode one τ for all images.
+    """
+    t = cfg.temperature
+    if t.mode == "dro" and t.dro.per_sample:
+        return None, TABLE_ONLY
+    if t.mode != "conditional":
+        return None, f"temperature.mode={t.mode}: no per-sample τ"
+    if run_dir is None or _last_checkpoint(Path(run_dir)) is None:
+        return None, "no checkpoint (run_dir/checkpoints/step_*.pt) holding the τ head"
+    method = load_method(Path(run_dir), cfg, in_chans).to(device)
+    return per_sample_tau(method, dataset, transform, batch_size), ""
+
+
+def training_tau(run_dir: Optional[Path], cfg: Any, train_ds: Any, transform: Callable, in_chans: int,
+                 batch_size: int = 256, device: Any = "cpu") -> Tuple[Optional[Tensor], str]:
+    """(τ_i of the training images ``train_ds``, "") or (None, why there is none): the τ network's
+    (:func:`image_tau`), or the per-sample dro table's row of each image when ``train_ds`` is the pretraining
+    set in its order (the table is indexed by the pretraining dataset's index)."""
+    from simclr_tau.data.datasets import build_pretrain_dataset
+    from simclr_tau.train.checkpoint import load_checkpoint
+
+    t = cfg.temperature
+    if not (t.mode == "dro" and t.dro.per_sample):
+        return image_tau(run_dir, cfg, train_ds, transform, in_chans, batch_size, device)
+    path = _last_checkpoint(Path(run_dir)) if run_dir is not None else None
+    if path is None:
+        return None, "no checkpoint (run_dir/checkpoints/step_*.pt) holding the τ table"
+    table = load_checkpoint(path)["model"].get("temperature.tau")
+    pre = build_pretrain_dataset(cfg.data)
+    if table is None or table.numel() != len(pre):
+        return None, f"{path}: no τ table of the pretraining set's {len(pre)} images"
+    same = (len(pre) == len(train_ds) and pre.images is not None and getattr(train_ds, "images", None) is not None
+            and torch.equal(pre.images, train_ds.images) and torch.equal(pre.labels, train_ds.labels))
+    if not same:
+        return None, "the pretraining set is not the train split (data.subset, STL-10's unlabelled images)"
+    return table.float().cpu(), ""
+
+
 def conditional_tau_report(
     run_dir: Optional[Path], cfg: Any, dataset: Any, transform: Callable, knn_correct: Tensor, in_chans: int,
     batch_size: int = 256, class_names: Optional[List[str]] = None,
 ) -> Dict[str, Any]:
     """AUROC of per-sample τ for kNN errors and mean τ per class; ``{"skipped": why}`` when not applicable."""
-    mode = cfg.temperature.mode
-    if mode != "conditional":
-        return {"skipped": f"temperature.mode={mode}: no per-sample τ"}
-    if run_dir is None or _last_checkpoint(Path(run_dir)) is None:
-        return {"skipped": "no checkpoint (run_dir/checkpoints/step_*.pt) holding the τ head"}
-    method = load_method(Path(run_dir), cfg, in_chans)
-    tau = per_sample_tau(method, dataset, transform, batch_size)
+    tau, why = image_tau(run_dir, cfg, dataset, transform, in_chans, batch_size)
+    if tau is None:
+        return {"skipped": why}
     labels = dataset.labels if hasattr(dataset, "labels") else torch.tensor([dataset[i][1] for i in range(len(dataset))])
     wrong = ~knn_correct.bool()
     per_class = {}

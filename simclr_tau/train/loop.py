@@ -18,7 +18,6 @@ otherwise stops the run naming the last good checkpoint and what to change.
 from __future__ import annotations
 
 import contextlib
-import signal
 import time
 import warnings
 from pathlib import Path
@@ -40,29 +39,7 @@ from simclr_tau.train.checkpoint import (
 )
 from simclr_tau.train.optim import lr_at, scaled_lr, set_lr
 from simclr_tau.train.progress import Progress
-
-
-class StopFlag:
-    """SIGTERM / SIGINT: finish the current step, checkpoint, exit cleanly (preemption, Ctrl-C)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: Dict[int, Any] = {}
-
-    def __enter__(self) -> "StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+from simclr_tau.train.signals import StopFlag
 
 
 def divergence_fix(cfg: Any) -> str:

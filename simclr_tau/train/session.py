@@ -31,9 +31,14 @@ class RunResult:
 
 
 def start_accelerator(tc: Any) -> Any:
-    """An Accelerator (CPU when no GPU), seeded so every process builds the same initial weights."""
+    """An Accelerator (CPU when no GPU), seeded so every process builds the same initial weights; first, what
+    the run needs of this machine (:func:`~simclr_tau.config.check_run_environment`)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+
+    from simclr_tau.config import check_run_environment
+
+    check_run_environment(tc)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=tc.mixed_precision)
     set_seed(tc.seed)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from procs import BN_FREE, ENV, TINY, Training, image_tree, logged_steps, run_proc
 from simclr_tau.config import load_config
@@ -80,3 +81,30 @@ def test_a_run_that_fails_with_live_workers_still_exits(tmp_path: Path) -> None:
                      "data.pipeline=dataloader", "data.num_workers=2"], ENV, timeout=60)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {bad}: cannot decode image")
+
+
+class _SignalState(Dataset):
+    """Item i: what the worker's init left: SIGINT ignored, SIGTERM blocked, the composed init function run."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        return torch.tensor([signal.getsignal(signal.SIGINT) == signal.SIG_IGN,
+                             signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []),
+                             os.environ.get("SIMCLR_TAU_INIT_RAN") == "1"])
+
+
+def _mark_init(worker_id: int) -> None:
+    os.environ["SIMCLR_TAU_INIT_RAN"] = "1"  # in the worker process only
+
+
+def test_the_worker_init_ignores_the_stop_signals_and_runs_the_existing_init_function() -> None:
+    from simclr_tau.train.signals import IgnoreStopSignals, stop_signals_blocked
+
+    loader = DataLoader(_SignalState(), batch_size=2, num_workers=1, worker_init_fn=IgnoreStopSignals(_mark_init))
+    with stop_signals_blocked():
+        batches = iter(loader)
+    assert next(batches).all()
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # this process is unchanged
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])

@@ -1,15 +1,22 @@
-"""Subprocess helpers of the test suite: real processes (torchrun groups included) that never outlive a test."""
+"""Helpers of the tests that run real processes (torchrun groups included), which never outlive a test, and
+the small inputs they train on."""
 
 from __future__ import annotations
 
 import os
 import signal
 import socket
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "synthetic_tiny.yaml")  # a seconds-long run
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
 
 
 def free_port() -> int:
@@ -71,3 +78,67 @@ def pretrain_one_and_two_processes(config: str, output_dir: Path, overrides: lis
     two = run_proc([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                     "--master_port", str(free_port()), *cmd, "train.run_name=two"], env)
     assert two.returncode == 0, two.stderr[-3000:]
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """Steps in metrics.jsonl; a last line torn by a kill mid-write is ignored."""
+    path = run_dir / "metrics.jsonl"
+    steps = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                steps.append(json.loads(line)["step"])
+            except ValueError:
+                pass
+    return steps
+
+
+class Training:
+    """``[launcher] -m simclr_tau.pretrain TINY ...`` in its own session (its own process group); killed with all it started if still
+    alive at exit."""
+
+    def __init__(self, tmp_path: Path, *overrides: str, launcher: tuple = (sys.executable,)) -> None:
+        self.stdout, self.stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+        with open(self.stdout, "w") as out, open(self.stderr, "w") as err:
+            self.proc = subprocess.Popen(
+                [*launcher, "-m", "simclr_tau.pretrain", TINY, f"train.output_dir={tmp_path}", *overrides],
+                env=ENV, stdout=out, stderr=err, start_new_session=True)
+
+    def wait_for_step(self, run_dir: Path, step: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not logged_steps(run_dir) or logged_steps(run_dir)[-1] < step:
+            if self.proc.poll() is not None:
+                pytest.fail(f"training ended (rc {self.proc.returncode}) before step {step}:\n"
+                            f"{self.stderr.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"step {step} not logged within {timeout} s")
+            time.sleep(0.02)
+
+    def wait(self, timeout: float = 120) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"training did not exit within {timeout} s")
+
+    def __enter__(self) -> "Training":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            kill_tree(self.proc)
+
+
+def image_tree(root: Path, per_class: int = 8) -> list[Path]:
+    """An ImageFolder tree ``root/{a,b}/<i>.png`` of random 16 px RGB images (seeded); the paths, class a first."""
+    import torch
+    from torchvision.io import encode_png
+
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            img = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g)
+            paths.append(root / c / f"{i}.png")
+            paths[-1].write_bytes(bytes(encode_png(img).numpy()))
+    return paths

@@ -50,8 +50,8 @@ def test_resolved_config_round_trips_the_classes(tmp_path):
     ("data.classes=[1]", "at least 2 classes"),
     ("data.classes=[]", "at least 2 classes"),
     ("data.classes=[1,1,2]", "more than once"),
-    ("data.classes=[0,6]", "[6] outside the class indices 0..5"),
-    ("data.classes=[-1,2]", "[-1] outside"),
+    ("data.classes=[0,6]", "[6] lies outside the class indices 0..5"),
+    ("data.classes=[-1,2]", "[-1] lies outside"),
 ])
 def test_bad_classes_are_one_line_errors(override, message):
     with pytest.raises(UserError) as e:
@@ -60,7 +60,7 @@ def test_bad_classes_are_one_line_errors(override, message):
 
 
 def test_known_datasets_are_range_checked_at_load_and_others_at_build():
-    with pytest.raises(UserError, match=r"\[10\] outside the class indices 0..9"):
+    with pytest.raises(UserError, match=r"\[10\] lies outside the class indices 0..9"):
         load_config(None, ["data.name=fashion_mnist", "data.classes=[0,10]"])
     load_config(None, ["data.name=cifar100", "data.classes=[0,99]"])
     ds = make_synthetic(12, 3, 8)

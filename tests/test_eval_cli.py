@@ -196,7 +196,7 @@ def test_other_user_errors(run_dir, tmp_path, capsys):
     err = _user_error(capsys, linear_main, [str(run_dir), "--mode", "augmented", "--optimizer", "lbfgs"])
     assert "--optimizer sgd or adamw" in err
     err = _user_error(capsys, linear_main, [str(run_dir), "--val-fraction", "0"])
-    assert "--val-fraction must be > 0" in err
+    assert "--val-fraction=0.0 must lie in (0, 1)" in err
     err = _user_error(capsys, knn_main, [str(run_dir), "data.channels=rgb", "--k", "5"])
     assert "expects 1-channel images" in err
 

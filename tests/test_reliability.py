@@ -14,7 +14,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,15 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from procs import free_port, kill_tree, run_proc
+from procs import ENV, TINY, Training, free_port, image_tree, logged_steps, run_proc
 from simclr_tau.config import load_config
 from simclr_tau.errors import UserError
 from simclr_tau.train.checkpoint import list_checkpoints, load_checkpoint
 from simclr_tau.train.pretrain import run
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "synthetic_tiny.yaml")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
 
 
 def tiny_cfg(tmp_path: Path, *overrides: str):
@@ -50,19 +46,6 @@ def cli(tmp_path: Path, capsys, *args: str) -> str:
     return line
 
 
-def logged_steps(run_dir: Path) -> list[int]:
-    """Steps in metrics.jsonl; a last line torn by a kill mid-write is ignored."""
-    path = run_dir / "metrics.jsonl"
-    steps = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                steps.append(json.loads(line)["step"])
-            except ValueError:
-                pass
-    return steps
-
-
 def all_finite(state: dict) -> bool:
     tensors = []
     for v in state.values():
@@ -72,41 +55,6 @@ def all_finite(state: dict) -> bool:
         elif isinstance(v, torch.Tensor) and v.is_floating_point():
             tensors.append(v)
     return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-class Training:
-    """``[launcher] -m simclr_tau.pretrain TINY ...`` in its own session; killed with all it started if still
-    alive at exit."""
-
-    def __init__(self, tmp_path: Path, *overrides: str, launcher: tuple = (sys.executable,)) -> None:
-        self.stdout, self.stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-        with open(self.stdout, "w") as out, open(self.stderr, "w") as err:
-            self.proc = subprocess.Popen(
-                [*launcher, "-m", "simclr_tau.pretrain", TINY, f"train.output_dir={tmp_path}", *overrides],
-                env=ENV, stdout=out, stderr=err, start_new_session=True)
-
-    def wait_for_step(self, run_dir: Path, step: int, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while not logged_steps(run_dir) or logged_steps(run_dir)[-1] < step:
-            if self.proc.poll() is not None:
-                pytest.fail(f"training ended (rc {self.proc.returncode}) before step {step}:\n"
-                            f"{self.stderr.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"step {step} not logged within {timeout} s")
-            time.sleep(0.02)
-
-    def wait(self, timeout: float = 120) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"training did not exit within {timeout} s")
-
-    def __enter__(self) -> "Training":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            kill_tree(self.proc)
 
 
 # ---- interruption ---------------------------------------------------------------------------------
@@ -370,20 +318,6 @@ def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
 # ---- bad data ------------------------------------------------------------------------------------------
 
 
-def _image_tree(root: Path, per_class: int = 8) -> list[Path]:
-    from torchvision.io import encode_png
-
-    g = torch.Generator().manual_seed(0)
-    paths = []
-    for c in ("a", "b"):
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            img = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g)
-            paths.append(root / c / f"{i}.png")
-            paths[-1].write_bytes(bytes(encode_png(img).numpy()))
-    return paths
-
-
 IMAGEFOLDER = ["data.name=imagefolder", "data.image_size=16", "data.pipeline=dataloader", "train.run_name=folder"]
 
 
@@ -405,7 +339,7 @@ def test_imagefolder_errors_for_a_missing_or_empty_data_directory(tmp_path: Path
 def test_a_corrupt_image_fails_the_run_with_one_line_naming_the_file(tmp_path: Path, capsys, damage: str,
                                                                      num_workers: int) -> None:
     """The documented behaviour (FolderImageDataset): fail at the first read of the file, naming it."""
-    paths = _image_tree(tmp_path / "tree")
+    paths = image_tree(tmp_path / "tree")
     bad = paths[5]
     bad.write_bytes(bad.read_bytes()[:40] if damage == "truncated" else b"this is not an image")
     line = cli(tmp_path, capsys, *IMAGEFOLDER, f"data.root={tmp_path / 'tree'}", f"data.num_workers={num_workers}")

@@ -157,9 +157,7 @@ def load_folder(root: Path, cfg: Any, progress: bool = True) -> ImageDataset:
     if len(folder) == 0:
         raise UserError(f"data.root={root}: no images found")
     size = int(cfg.image_size or folder.image_size)
-    limit_mb = float(cfg.folder_cache_mb)
-    if not limit_mb >= 0 or limit_mb == float("inf"):
-        raise UserError(f"data.folder_cache_mb={cfg.folder_cache_mb!r} must be a finite number >= 0 (0: no cache)")
+    limit_mb = float(cfg.folder_cache_mb)  # in [0, 2**24] (config/ranges.py)
     if cfg.pipeline == "dataloader" or limit_mb <= 0:
         return folder
     if cache_bytes(len(folder), folder.channels, size) > limit_mb * 2**20:

@@ -27,9 +27,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from simclr_tau.config.ranges import KNN_ARGS, LINEAR_ARGS, check_args
 from simclr_tau.errors import UserError, exit_on_user_error
 from simclr_tau.evaluation.results import update_run_summary, write_json
 from simclr_tau.evaluation.targets import Target, load_data, resolve_target, target_features
+from simclr_tau.fileio import check_writable_dir
 
 
 def _accelerator() -> Any:
@@ -63,6 +65,7 @@ def _timed_features(t: Target, args: argparse.Namespace, accelerator: Any, train
 
 def _setup(args: argparse.Namespace) -> Tuple[Target, Any, Any, Any, int]:
     t = resolve_target(args.target, args.config, args.data, args.overrides, args.random_init, args.seed, args.out)
+    check_writable_dir(t.out_dir, "--out")  # before the features are computed, not after
     accelerator = _accelerator()
     t.encoder.to(accelerator.device)
     train_ds, test_ds = load_data(t)
@@ -104,6 +107,7 @@ def knn_main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     from simclr_tau.evaluation.knn import knn_eval, metric_suffix
 
     args = build_knn_parser().parse_intermixed_args(argv)
+    check_args(args, KNN_ARGS)
     t, accelerator, train_ds, test_ds, batch_size = _setup(args)
     ks, ts = _ks_ts(args, t.cfg)
     if max(ks) > len(train_ds):
@@ -189,14 +193,13 @@ def linear_main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                                                     linear_probe_augmented)
 
     args = build_linear_parser().parse_intermixed_args(argv)
+    check_args(args, LINEAR_ARGS)
     optimizer = args.optimizer or ("lbfgs" if args.mode == "fast" else "sgd")
     if args.mode == "augmented" and optimizer == "lbfgs":
         raise UserError("--mode augmented recomputes features every epoch: use --optimizer sgd or adamw")
     pcfg = ProbeConfig(optimizer=optimizer, epochs=args.epochs, lrs=args.lr, wds=args.wd, batch_size=args.probe_batch_size,
                        val_fraction=args.val_fraction, stratified=not args.no_stratify, seed=args.seed,
                        retrain_full=args.retrain_full).resolved()
-    if pcfg.val_fraction <= 0:
-        raise UserError("--val-fraction must be > 0: hyperparameters and the calibration temperature are fitted on it")
     t, accelerator, train_ds, test_ds, batch_size = _setup(args)
     if args.mode == "augmented" and accelerator.num_processes > 1:
         raise UserError("--mode augmented runs in one process; launch without multiple processes (or use --mode fast)")

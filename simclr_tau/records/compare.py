@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from simclr_tau.errors import UserError, exit_on_user_error
+from simclr_tau.fileio import check_writable_dir
 from simclr_tau.records.baselines import is_pixels_dir, load_pixels_dir, random_init_rows
 from simclr_tau.records.plots import plot_all
 from simclr_tau.records.report import write_csv, write_html
@@ -133,6 +134,7 @@ def main(argv: Optional[List[str]] = None) -> Comparison:
         raise UserError("--filter applies to --wandb ENTITY/PROJECT runs; local runs are chosen by their directories")
     if not args.runs and not args.wandb:
         raise UserError("nothing to compare: give run directories or --wandb ENTITY/PROJECT")
+    check_writable_dir(args.out, "--out")
     runs = [load_pixels_dir(p) if is_pixels_dir(p) else load_run_dir(p) for p in expand_run_dirs(args.runs, is_pixels_dir)]
     if args.wandb:
         from simclr_tau.records.wandb_reader import load_wandb_runs

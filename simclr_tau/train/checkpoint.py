@@ -16,7 +16,6 @@ magnitude and its optimizer state is finite (:func:`state_problem`); ``--resume 
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import time
@@ -104,14 +103,9 @@ def atomic_save(obj: Any, path: Path) -> None:
     temporary file is removed on failure (a SIGKILL can leave one behind: :func:`prune` removes it).
     A full disk or quota is a :class:`UserError` (the user frees space and resumes), not a traceback.
     """
-    try:
-        atomic_write(path, lambda tmp: _torch_save(obj, tmp), fsync=True)
-    except BaseException as e:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"no space left on device while saving {path} ({os.strerror(e.errno)}); the previous "
-                            "checkpoint is intact: free disk space (or lower train.keep_last), then --resume auto"
-                            ) from None
-        raise
+    atomic_write(path, lambda tmp: _torch_save(obj, tmp), fsync=True,
+                 when_full="the previous checkpoint is intact: free disk space (or lower train.keep_last), then "
+                           "--resume auto")
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:

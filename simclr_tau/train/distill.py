@@ -99,7 +99,8 @@ def run(cfg: Any, resume: Optional[str] = None) -> Any:
         method = build_distill_method(cfg, teacher, dataset.channels, steps_per_epoch, total_steps)
         method, optimizer, core = prepare_method(method, cfg, accelerator)
 
-        start_step, wandb_id = restore(core, optimizer, ckpt, accelerator, not_saved=("teacher.",))  # teacher: on disk
+        # the teacher is not in the checkpoint: it stays on disk
+        start_step, wandb_id, log_window = restore(core, optimizer, ckpt, accelerator, not_saved=("teacher.",))
         resolved = resolve_defaults(cfg, image_size)  # the saved configs hold the values used, not `null`
         if is_main:
             write_run_files(run_dir, {"distill.yaml": to_yaml(resolved), "config.yaml": eval_view_yaml(resolved)}, resume,
@@ -116,7 +117,7 @@ def run(cfg: Any, resume: Optional[str] = None) -> Any:
             return _with_labels(loader.epoch(epoch, skip, tc.grad_accum), dataset.labels, label_sampler, epoch, skip,
                                 tc.grad_accum, micro, world, rank)
 
-        step, stopped_early = trainer.fit(start_step, batches)
+        step, stopped_early = trainer.fit(start_step, batches, log_window)
 
         if is_main and not stopped_early:
             save_encoder(run_dir / "encoder.safetensors", core.encoder, cfg.model, dataset.channels, image_size,

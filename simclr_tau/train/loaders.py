@@ -20,6 +20,7 @@ from simclr_tau.data.batch_augment import BatchAugment
 from simclr_tau.data.datasets import ImageDataset
 from simclr_tau.data.pipeline import EpochSampler, TwoViewDataset, mix_seed
 from simclr_tau.errors import UserError
+from simclr_tau.train.signals import IgnoreStopSignals, stop_signals_blocked
 
 Step = List[Tuple[Tensor, Tensor, Tensor]]
 
@@ -72,11 +73,15 @@ class ShardedLoader:
         for b in range(skip_steps * accum, n_steps * accum):
             start = b * self.micro + self.rank * per
             mine.extend(keys[start:start + per])
+        # the workers ignore SIGTERM / SIGINT sent to the process group: the main process stops the run
         loader = DataLoader(self.dataset, batch_size=per, sampler=mine, drop_last=True,
-                            num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+                            num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                            worker_init_fn=IgnoreStopSignals() if self.num_workers else None)
         index = torch.tensor([i for _, i in mine], dtype=torch.long)  # the loader keeps the order of `mine`
+        with stop_signals_blocked():  # the workers start here
+            batches = iter(loader)
         group, b = [], 0
-        for x1, x2, _ in loader:
+        for x1, x2, _ in batches:
             group.append((x1, x2, index[b * per:(b + 1) * per]))
             b += 1
             if len(group) == accum:

@@ -18,7 +18,6 @@ otherwise stops the run naming the last good checkpoint and what to change.
 from __future__ import annotations
 
 import contextlib
-import signal
 import time
 import warnings
 from pathlib import Path
@@ -40,29 +39,7 @@ from simclr_tau.train.checkpoint import (
 )
 from simclr_tau.train.optim import lr_at, scaled_lr, set_lr
 from simclr_tau.train.progress import Progress
-
-
-class StopFlag:
-    """SIGTERM / SIGINT: finish the current step, checkpoint, exit cleanly (preemption, Ctrl-C)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: Dict[int, Any] = {}
-
-    def __enter__(self) -> "StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+from simclr_tau.train.signals import StopFlag
 
 
 def divergence_fix(cfg: Any) -> str:
@@ -106,6 +83,36 @@ def to_device(batch: Any, device: torch.device, channels_last: bool) -> List[tor
     return out
 
 
+class LossWindow:
+    """The losses of the steps since the last log row (``from_step`` .. now), summed on the device; the next row
+    logs their mean. A checkpoint between log rows carries the window (:meth:`state`), so that the first row
+    after a resume averages the same steps as an uninterrupted run's row, bit for bit with one process (with
+    several, the saved sum is already their mean: the same up to rounding). A checkpoint without one (written
+    before it existed) restarts the window at its step: that row averages only the steps run since."""
+
+    def __init__(self, from_step: int, device: torch.device, saved: Optional[Dict[str, Any]] = None) -> None:
+        self.from_step, self.sum = from_step, torch.zeros((), device=device)
+        if saved is not None and isinstance(saved.get("loss_sum"), torch.Tensor) and \
+                0 <= int(saved.get("from_step", -1)) <= from_step:
+            self.from_step = int(saved["from_step"])
+            self.sum += saved["loss_sum"].to(device)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss.detach()
+
+    def mean(self, step: int, accelerator: Any) -> float:
+        """The window's mean loss, averaged over processes (= the loss of the global batch); a host sync."""
+        return (accelerator.reduce(self.sum, reduction="mean") / (step - self.from_step)).item()
+
+    def restart(self, step: int) -> None:
+        self.from_step = step
+        self.sum.zero_()
+
+    def state(self, accelerator: Any) -> Dict[str, Any]:
+        """What a checkpoint keeps of the window (every process calls it: a collective with several)."""
+        return {"from_step": self.from_step, "loss_sum": accelerator.reduce(self.sum, reduction="mean").cpu()}
+
+
 class Trainer:
     """Runs the optimizer steps of a prepared ``method`` (``method(*micro_batch) -> (loss, logs)``).
 
@@ -131,6 +138,7 @@ class Trainer:
         self.first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)  # first non-finite step
         self.temperatures = [m for m in self.core.modules() if isinstance(m, Temperature)]
         self.health_warned: set = set()  # a stuck τ is reported once per module
+        self.window = LossWindow(0, accelerator.device)
 
     # ---- non-finite guard and checkpoints -----------------------------------------------------
     def first_bad_step(self) -> int:
@@ -159,22 +167,24 @@ class Trainer:
         if problem is not None:
             stop_nonfinite(self.record, step, self.ckpt_dir, what="diverged state after", detail=problem,
                            fix=divergence_fix(self.cfg))
+        window = self.window.state(self.accelerator)
         if self.accelerator.is_main_process:
             path = checkpoint_path(self.ckpt_dir, step)
             atomic_save({"model": state, "optimizer": self.optimizer.state_dict(), "step": step,
                          "epoch": step / self.steps_per_epoch, "run_name": self.run_name,
-                         "wandb_id": self.record.wandb_id or ""}, path)
+                         "wandb_id": self.record.wandb_id or "", "log_window": window}, path)
             prune(self.ckpt_dir, self.tc.keep_last, keep=path)
         self.accelerator.wait_for_everyone()
 
     # ---- the loop -------------------------------------------------------------------------------
-    def fit(self, start_step: int, epoch_batches: Callable[[int, int], Iterable[List[Tuple[torch.Tensor, ...]]]]
-            ) -> Tuple[int, bool]:
+    def fit(self, start_step: int, epoch_batches: Callable[[int, int], Iterable[List[Tuple[torch.Tensor, ...]]]],
+            log_window: Optional[Dict[str, Any]] = None) -> Tuple[int, bool]:
         """Train from ``start_step`` to the end. ``epoch_batches(epoch, skip_steps)`` yields, per optimizer
-        step, this process's micro-batches. Returns (last step, stopped early by a signal)."""
+        step, this process's micro-batches; ``log_window``: the resumed checkpoint's (:class:`LossWindow`).
+        Returns (last step, stopped early by a signal)."""
         tc, acc, core, method, optimizer = self.tc, self.accelerator, self.core, self.method, self.optimizer
         spe, total = self.steps_per_epoch, self.total_steps
-        loss_sum = torch.zeros((), device=acc.device)
+        self.window = LossWindow(start_step, acc.device, log_window)
         step, stopped_early = start_step, False
         bar = Progress(total, start_step, self.run_name[:40], acc.is_main_process and tc.progress, self.postfix_keys)
         t_log, last_log_step = time.perf_counter(), step
@@ -191,7 +201,7 @@ class Trainer:
                         with acc.no_sync(method) if not last else contextlib.nullcontext(), acc.autocast():
                             loss, logs = method(*batch)
                             acc.backward(loss / len(micro_batches))
-                        loss_sum += loss.detach() / len(micro_batches)
+                        self.window.add(loss / len(micro_batches))
                         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss.detach()),
                                                      torch.full_like(self.first_bad, step), self.first_bad)
                     if self.cfg.optim.grad_clip is not None:
@@ -207,8 +217,8 @@ class Trainer:
                     # log step (one small collective there), so that all of them save at the same step.
                     stopping = stop.requested if acc.num_processes == 1 else sync_point and any_process(acc, stop.requested)
                     if sync_point or stopping:
-                        self._log(step, loss_sum, logs, time.perf_counter() - t_log, step - last_log_step, bar)
-                        loss_sum.zero_()
+                        self._log(step, logs, time.perf_counter() - t_log, step - last_log_step, bar)
+                        self.window.restart(step)
                         t_log, last_log_step = time.perf_counter(), step
                     if (end_of_epoch and self.online_eval is not None and self.cfg.eval.online_knn_every
                             and (step // spe) % self.cfg.eval.online_knn_every == 0):
@@ -235,14 +245,13 @@ class Trainer:
         bar.close()
         return step, stopped_early
 
-    def _log(self, step: int, loss_sum: torch.Tensor, logs: Dict[str, Any], seconds: float, n_steps: int,
-             bar: Progress) -> None:
+    def _log(self, step: int, logs: Dict[str, Any], seconds: float, n_steps: int, bar: Progress) -> None:
+        """One metrics row; ``n_steps`` steps ran in the last ``seconds`` (the loss window may be longer)."""
         bad = self.first_bad_step()  # the one host sync of a logging step
         if bad > 0:
             stop_nonfinite(self.record, bad, self.ckpt_dir, fix=divergence_fix(self.cfg))
         metrics = {
-            # mean over processes = the loss of the global batch
-            "train/loss": (self.accelerator.reduce(loss_sum, reduction="mean") / n_steps).item(),
+            "train/loss": self.window.mean(step, self.accelerator),
             "train/lr": self.optimizer.param_groups[0]["lr"],
             "train/images_per_s": n_steps * self.tc.batch_size / max(seconds, 1e-9),
         }

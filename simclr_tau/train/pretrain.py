@@ -69,7 +69,7 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
     run_dir = Path(tc.output_dir) / run_name
     ckpt, lock = open_run(run_dir, run_name, resume, accelerator)
     with lock:  # one writer per run directory, released however the run ends
-        start_step, wandb_id = restore(core, optimizer, ckpt, accelerator)
+        start_step, wandb_id, log_window = restore(core, optimizer, ckpt, accelerator)
         resolved = resolve_defaults(cfg, image_size)  # config.yaml holds the values used, not `null`
         if is_main:
             write_run_files(run_dir, {"config.yaml": to_yaml(resolved)}, resume, start_step, image_size)
@@ -80,7 +80,8 @@ def run(cfg: Any, resume: Optional[str] = None) -> RunResult:
                           online_eval=online_knn_fn(cfg, accelerator, core.encoder, image_size, dataset.channels,
                                                     norm.mean, norm.std) if cfg.data.name != "mixture" else None,
                           data_metrics=getattr(sampler, "log_metrics", None))
-        step, stopped_early = trainer.fit(start_step, lambda epoch, skip: loader.epoch(epoch, skip, tc.grad_accum))
+        step, stopped_early = trainer.fit(start_step, lambda epoch, skip: loader.epoch(epoch, skip, tc.grad_accum),
+                                           log_window)
 
         if is_main and not stopped_early:
             save_encoder(run_dir / "encoder.safetensors", core.encoder, cfg.model, dataset.channels, image_size,

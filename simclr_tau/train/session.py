@@ -31,9 +31,14 @@ class RunResult:
 
 
 def start_accelerator(tc: Any) -> Any:
-    """An Accelerator (CPU when no GPU), seeded so every process builds the same initial weights."""
+    """An Accelerator (CPU when no GPU), seeded so every process builds the same initial weights; first, what
+    the run needs of this machine (:func:`~simclr_tau.config.check_run_environment`)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+
+    from simclr_tau.config import check_run_environment
+
+    check_run_environment(tc)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=tc.mixed_precision)
     set_seed(tc.seed)
@@ -158,10 +163,11 @@ def load_training_state(core: torch.nn.Module, optimizer: Any, state: Any, ckpt:
 
 
 def restore(core: torch.nn.Module, optimizer: Any, ckpt: Optional[Path], accelerator: Any,
-            not_saved: Sequence[str] = ()) -> Tuple[int, Optional[str]]:
-    """Load ``ckpt`` (if any) into the model and optimizer. Returns (start step, W&B run id)."""
+            not_saved: Sequence[str] = ()) -> Tuple[int, Optional[str], Optional[Dict[str, Any]]]:
+    """Load ``ckpt`` (if any) into the model and optimizer. Returns (start step, W&B run id, the loss window of
+    the log row in progress: :class:`~simclr_tau.train.loop.LossWindow`; None in older checkpoints)."""
     if ckpt is None:
-        return 0, None
+        return 0, None, None
     state = load_checkpoint(ckpt)
     problem = checkpoint_problem(state)
     if problem is not None:
@@ -169,7 +175,8 @@ def restore(core: torch.nn.Module, optimizer: Any, ckpt: Optional[Path], acceler
     load_training_state(core, optimizer, state, ckpt, not_saved)
     if accelerator.is_main_process:
         print(f"resumed from {ckpt} at step {int(state['step'])}", flush=True)
-    return int(state["step"]), state.get("wandb_id") or None
+    window = state.get("log_window")
+    return int(state["step"]), state.get("wandb_id") or None, window if isinstance(window, dict) else None
 
 
 _ABSENT = object()  # a key one of two configs does not have

@@ -42,7 +42,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -54,7 +53,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout, installed or not
 
-from simclr_tau.records.run_data import final_tau, knn_label, knn_order, load_run_dir  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # study_tables (also when loaded by path)
+
+from simclr_tau.records.run_data import final_tau, load_run_dir  # noqa: E402
+from study_tables import (FIGURES, REFERENCE, TAU_STATS, aggregate, knn_columns, markdown_table,  # noqa: E402
+                          paired_differences, paired_table, tau_table, verdict)
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     # backbone / epochs / batch live in the configs; the comments there say why
@@ -101,22 +104,6 @@ RUNS: Dict[str, Dict[str, Any]] = {
     "mocov2-learnable-log": {"method": "mocov2", "overrides": LEARNABLE + ["temperature.parametrization=log"]},
 }
 SPREAD_RUNS = ["simclr-fixed-0.2", "simclr-learnable-log"]
-
-# Xiao, Rasul & Vollgraf 2017, "Fashion-MNIST: a Novel Image Dataset for Benchmarking Machine Learning
-# Algorithms" (arXiv:1708.07747), Table 3 / the repository's benchmark: best test accuracy per classifier.
-PAPER_BASELINES = {"SVC (rbf, C=10)": 89.7, "KNeighbors (k=5, L1, distance)": 85.4, "LogisticRegression (C=1, L1)": 84.2}
-
-
-
-TAU_STATS = ("tau_p1", "tau_p50", "tau_p99", "tau_at_min", "tau_at_max")
-REFERENCE = "simclr-fixed-0.2"  # what every learned τ is paired against
-# two-sided 95 % quantiles of Student's t, by degrees of freedom (scipy is not a dependency)
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
-
-# the figures of a row besides the kNN columns: metric names of the run record (summary.json)
-FIGURES = ("linear/test_top1", "calib/ece_before", "calib/ece_after", "diag/alignment", "diag/uniformity",
-           "train/images_per_s")
 
 
 @dataclass
@@ -243,11 +230,6 @@ def step_seconds(out: Path) -> Dict[Tuple[str, str], float]:
     return {(r["label"], r["step"]): r["seconds"] for r in rows if r["rc"] == 0}
 
 
-def knn_columns(rows: Sequence[Dict[str, Any]]) -> List[str]:
-    """The kNN top-1 metric names present in ``rows`` (knn/top1_k20_t0.07, ...), sorted by k then T."""
-    return sorted({k for r in rows for k in r if k.startswith("knn/top1_")}, key=knn_order)
-
-
 def run_row(job: Job, seconds: Dict[Tuple[str, str], float]) -> Dict[str, Any]:
     """One run's figures, read with the comparison's own loader (summary.json merged over metrics.jsonl)."""
     row: Dict[str, Any] = {"run": job.name, "seed": job.seed, "run_dir": str(job.run_dir)}
@@ -288,151 +270,6 @@ def baseline_rows(args: argparse.Namespace, jobs: List[Job]) -> List[Dict[str, A
         rows.append({"run": "random-init encoder",
                      **_renamed(final, {"knn_random_init/": "knn/", "linear_random_init/": "linear/"})})
     return rows
-
-
-def aggregate(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Rows of the same setting merged: {"run", "seeds", "mean": {figure: value}, "std": {figure: sample std}}
-    over the evaluated seeds (std None for one seed)."""
-    out = []
-    for name in dict.fromkeys(r["run"] for r in rows):
-        group = [r for r in rows if r["run"] == name and knn_columns([r])]  # a seed still training does not count
-        agg: Dict[str, Any] = {"run": name, "seeds": [r["seed"] for r in group], "mean": {}, "std": {}}
-        for key in [*knn_columns(group), *FIGURES, "tau", *TAU_STATS, "pretrain_min"]:
-            vals = [r[key] for r in group if r.get(key) is not None]
-            agg["mean"][key] = statistics.fmean(vals) if vals else None
-            agg["std"][key] = statistics.stdev(vals) if len(vals) > 1 else None
-        out.append(agg)
-    return out
-
-
-def _fmt(v: Optional[float], std: Optional[float] = None, digits: int = 2, scale: float = 1.0) -> str:
-    if v is None:
-        return "–"
-    s = f"{scale * v:.{digits}f}"
-    return s + (f" ± {scale * std:.{digits}f}" if std is not None else "")
-
-
-def markdown_table(agg: List[Dict[str, Any]], baselines: List[Dict[str, Any]]) -> str:
-    keys = knn_columns([a["mean"] for a in agg])
-    cols = ["run", "seeds", *[knn_label(k) for k in keys], "linear", "ECE before → after (%)", "align", "uniform",
-            "final τ", "pretrain min"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for a in agg:
-        m, sd = a["mean"], a["std"]
-        cells = [a["run"], ",".join(map(str, a["seeds"])), *[_fmt(m.get(k), sd.get(k)) for k in keys],
-                 _fmt(m["linear/test_top1"], sd["linear/test_top1"]),
-                 f"{_fmt(m['calib/ece_before'], None, 2, 100)} → {_fmt(m['calib/ece_after'], None, 2, 100)}",
-                 _fmt(m["diag/alignment"], None, 3), _fmt(m["diag/uniformity"], None, 3), _fmt(m["tau"], sd["tau"], 4),
-                 _fmt(m["pretrain_min"], None, 1)]
-        lines.append("| " + " | ".join(cells) + " |")
-    blank = [""] * 5
-    for b in baselines:
-        lines.append("| " + " | ".join([f"*{b['run']}*", "–", *[_fmt(b.get(k)) for k in keys],
-                                        _fmt(b.get("linear/test_top1")), *blank]) + " |")
-    for name, acc in PAPER_BASELINES.items():
-        lines.append("| " + " | ".join([f"*paper: {name}*", "–", *[""] * len(keys), f"{acc:.1f} (classifier)", *blank])
-                     + " |")
-    return "\n".join(lines)
-
-
-def verdict(agg: List[Dict[str, Any]], baselines: List[Dict[str, Any]]) -> List[str]:
-    """The goals of the study, checked on the figures (printed and written to results.md)."""
-    out: List[str] = []
-    keys = knn_columns([a["mean"] for a in agg])
-    ssl = [a for a in agg if keys and a["mean"].get(keys[0]) is not None]
-    if not ssl:
-        return ["no finished run"]
-    base = {b["run"]: b for b in baselines}
-    for key in keys:
-        for bname in ("random-init encoder", "raw pixels"):
-            ref = base.get(bname, {}).get(key)
-            if ref is None:
-                continue
-            miss = [a["run"] for a in ssl if a["mean"].get(key) is not None and a["mean"][key] <= ref]
-            out.append(f"{knn_label(key)}: {len(ssl) - len(miss)}/{len(ssl)} runs beat the {bname} ({ref:.2f})"
-                       + (f"; not: {', '.join(miss)}" if miss else ""))
-    for key, label in (("linear/test_top1", "linear probe"), *[(k, knn_label(k)) for k in keys[:1]]):
-        ranked = sorted((a for a in ssl if a["mean"].get(key) is not None), key=lambda a: -a["mean"][key])
-        if len(ranked) >= 2:
-            best, second = ranked[0], ranked[1]
-            gap = best["mean"][key] - second["mean"][key]
-            spreads = [a["std"][key] for a in ssl if a["std"].get(key) is not None]
-            noise = (f"; largest seed std among multi-seed rows {max(spreads):.2f}, so the gap is "
-                     f"{'larger' if gap > max(spreads) else 'not larger'} than seed noise") if spreads else \
-                "; one seed per run, no spread measured"
-            out.append(f"best {label}: {best['run']} {best['mean'][key]:.2f}, ahead of {second['run']} by "
-                       f"{gap:.2f}{noise}")
-    best_lin = max((a["mean"]["linear/test_top1"] for a in ssl if a["mean"]["linear/test_top1"] is not None),
-                   default=None)
-    if best_lin is not None:
-        svc = PAPER_BASELINES["SVC (rbf, C=10)"]
-        out.append(f"best linear probe {best_lin:.2f} vs the paper's best classical baseline (SVC) {svc}: "
-                   f"{'above' if best_lin > svc else 'below'}")
-    return out
-
-
-def t975(df: int) -> float:
-    """Student's t two-sided 95 % quantile for ``df`` degrees of freedom (the next tabulated df below)."""
-    return T975[max(d for d in T975 if d <= df)] if df < 30 else 1.96 + 2.4 / df
-
-
-def paired_differences(rows: List[Dict[str, Any]], keys: Sequence[str], reference: str = REFERENCE
-                       ) -> List[Dict[str, Any]]:
-    """Each setting minus ``reference`` on the seeds both ran (same seed = same data order, augmentations and
-    initialization): mean difference, sample std, 95 % t-interval, verdict (better / worse when the interval
-    excludes 0, else no evidence), per metric."""
-    ref = {r["seed"]: r for r in rows if r["run"] == reference and knn_columns([r])}
-    out = []
-    for name in dict.fromkeys(r["run"] for r in rows if r["run"] != reference):
-        mine = {r["seed"]: r for r in rows if r["run"] == name and knn_columns([r])}
-        seeds = sorted(set(mine) & set(ref))
-        for key in keys:
-            d = [mine[s][key] - ref[s][key] for s in seeds if mine[s].get(key) is not None and ref[s].get(key) is not None]
-            entry = {"run": name, "metric": key, "seeds": seeds, "n": len(d), "mean": statistics.fmean(d) if d else None}
-            if len(d) >= 2:
-                sd = statistics.stdev(d)
-                half = t975(len(d) - 1) * sd / len(d) ** 0.5
-                lo, hi = entry["mean"] - half, entry["mean"] + half
-                entry.update(std=sd, lo=lo, hi=hi, verdict="better" if lo > 0 else "worse" if hi < 0 else "no evidence")
-            else:
-                entry.update(std=None, lo=None, hi=None, verdict="one seed: no interval")
-            out.append(entry)
-    return out
-
-
-def paired_table(diffs: List[Dict[str, Any]], keys: Sequence[str]) -> str:
-    if not diffs:
-        return ""
-    head = ["run", "seeds", *[f"Δ {knn_label(k) if k.startswith('knn/') else 'linear'}" for k in keys]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in dict.fromkeys(d["run"] for d in diffs):
-        cells = [name]
-        ds = {d["metric"]: d for d in diffs if d["run"] == name}
-        cells.append(",".join(map(str, next(iter(ds.values()))["seeds"])))
-        for k in keys:
-            d = ds.get(k)
-            if d is None or d["mean"] is None:
-                cells.append("–")
-            elif d["lo"] is None:
-                cells.append(f"{d['mean']:+.2f} ({d['verdict']})")
-            else:
-                cells.append(f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] {d['verdict']}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def tau_table(agg: List[Dict[str, Any]]) -> str:
-    """τ statistics of the runs whose τ has state (dro per-sample: quantiles of all τ_i and the bounds)."""
-    rows = [a for a in agg if a["mean"].get("tau_p50") is not None or a["mean"].get("tau_at_min") is not None]
-    if not rows:
-        return ""
-    lines = ["| run | final τ (scalar or batch mean) | τ_i p1 / p50 / p99 | fraction of τ at τ_min / τ_max |", "|---|---|---|---|"]
-    for a in rows:
-        m = a["mean"]
-        q = " / ".join(_fmt(m.get(k), None, 3) for k in ("tau_p1", "tau_p50", "tau_p99")) if m.get("tau_p50") is not None else "–"
-        lines.append(f"| {a['run']} | {_fmt(m['tau'], a['std'].get('tau'), 4)} | {q} | "
-                     f"{_fmt(m.get('tau_at_min'), None, 3)} / {_fmt(m.get('tau_at_max'), None, 3)} |")
-    return "\n".join(lines)
 
 
 def machine() -> str:

@@ -1,15 +1,21 @@
 #!/usr/bin/env python
 """The τ study on Fashion-MNIST: pretrain every τ mode, evaluate each, tabulate, compare.
 
-    python scripts/reproduce_fmnist.py --preset cpu                 # 2-core CPU: 12 runs, ~1.5 h (2 at a time)
+    python scripts/reproduce_fmnist.py --preset cpu                 # round one, 2-core CPU: ~1.5 h (2 at a time)
     python scripts/reproduce_fmnist.py --preset gpu --jobs 1        # one GPU, ResNet-18, 100 epochs per run
+    python scripts/reproduce_fmnist.py --preset cpu2                # round two (issue 17): SETTINGS_ROUND2, seeds
+                                                                    # 0-2 (+3, 4 for fixed 0.2), the OOD block
+    python scripts/reproduce_fmnist.py --preset cpu2 --best-learned simclr-conditional \
+        --second-learned simclr-dro-per-sample                      # ... then DCL / MoCo v2 with the best learned
+                                                                    # mode, 5 seeds for the best two
     python scripts/reproduce_fmnist.py --preset cpu --dry-run       # print every command, run nothing
     python scripts/reproduce_fmnist.py --preset cpu --only simclr-fixed-0.2 train.epochs=1   # a subset, overridden
 
 Runs (one backbone, budget and seed set per preset; the preset's two configs hold everything else):
 
-    simclr-fixed-{0.07,0.2,0.5}     fixed τ
-    simclr-learnable-{log,softplus,relu}   learnable scalar τ, init 0.2, each parametrization
+    simclr-fixed-{0.07,0.1,0.2,0.5}   fixed τ
+    simclr-learnable-{log,softplus,relu}   learnable scalar τ, init 0.2, each parametrization, unbounded
+    simclr-learnable-log-bounded    learnable τ = exp θ, init 0.2, projected into [0.05, 1] after each step
     simclr-conditional              per-sample τ from an MLP on the (detached) projection, init 0.2, in [0.05, 1]
     simclr-cosine                   scheduled τ: cosine from 0.5 down to 0.1 over the run
     simclr-dro-{global,per-sample,per-sample-sogclr}   τ by the robust (iSogCLR) objective, init 0.2 in [0.05, 0.7]
@@ -18,6 +24,13 @@ Runs (one backbone, budget and seed set per preset; the preset's two configs hol
     simclr-adaptive                 MACL's alignment-following τ, τ_0 = 0.2
     simclr-dcl-fixed-0.2            decoupled NT-Xent (DCL), fixed τ 0.2
     mocov2-fixed-0.2, mocov2-learnable-log
+    simclr-dcl-<mode>, mocov2-<mode>   derived from ``--best-learned simclr-<mode>``: its overrides with
+                                    loss.decoupled=true (not for a dro objective, decoupled already) / MoCo v2
+
+Presets cpu and gpu run the round-one list (SETTINGS_ROUND1); cpu2 runs SETTINGS_ROUND2 and, unless
+``--no-ood``, the OOD block: OOD_SETTINGS pretrained on ``data.classes`` (OOD_CLASSES; the other two classes held
+out) into ``ood-<setting>-s<seed>/``, each scored by ``simclr-tau ood`` (eval/ood.json: AUROC of τ_i and of the
+kNN distance for the held-out classes and for kNN errors). ``--only`` with no name leaves the OOD block alone.
 
 Every run is pretrained with ``python -m simclr_tau pretrain`` and evaluated with ``simclr-tau knn`` (FAISS,
 k=20/T=0.07 and k=200/T=0.1, plus alignment/uniformity of test views) and ``simclr-tau linear`` (L-BFGS
@@ -26,23 +39,29 @@ and after temperature scaling). Baselines, evaluated by the same code: raw pixel
 the random-init encoder (kNN, linear probe); the Fashion-MNIST paper's classical results are quoted.
 
 Seeds: ``--seeds`` for every run, and ``--spread-seeds`` for the ``--spread-runs`` only (the spread a table
-needs to say whether a difference between τ modes is larger than seed noise). ``--jobs N`` runs N
-pipelines at once (CPU: each gets cores/N threads, which on small models beats one job with all cores).
+needs to say whether a difference between τ modes is larger than seed noise; default: the preset's, plus
+``--best-learned`` and ``--second-learned``). The same seeds across settings make the differences paired.
+``--jobs N`` runs N pipelines at once (CPU: each gets cores/N threads, which on small models beats one job
+with all cores); they start seed by seed (every setting's seed 0 first), so an interrupted study already
+holds paired comparisons.
 
 The script is restartable: a finished step (encoder exported, knn.json, linear.json) is skipped, and an
-interrupted pretraining resumes from its last checkpoint. Outputs under ``--out`` (default runs/fmnist-study):
-``<run>-s<seed>/`` run directories, ``logs/``, ``baselines/``, ``compare/`` (plots, report.html),
-``results.md`` and ``results.json``.
+interrupted pretraining resumes from its last checkpoint. Outputs under ``--out`` (default runs/fmnist-study,
+cpu2: runs/fmnist-study2): ``<run>-s<seed>/`` run directories, ``logs/`` (with ``timings.jsonl``: the seconds
+of every step), ``baselines/``, ``compare/`` (plots, report.html), ``results.md`` and ``results.json``.
+results.md: the table, the verdict per mode against fixed 0.2 (paired 95 % t-intervals), the setting RankMe
+would have picked and where it ranks, the learned modes ranked (for ``--best-learned``), τ statistics, and
+the OOD table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -53,26 +72,26 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # study_tables, tau_sweep (also when loaded by path)
 
-from simclr_tau.records.run_data import final_tau, knn_label, knn_order, load_run_dir  # noqa: E402
-
-PRESETS: Dict[str, Dict[str, Any]] = {
-    # backbone / epochs / batch live in the configs; the comments there say why
-    "cpu": {"simclr": "configs/fmnist_study_cpu.yaml", "mocov2": "configs/fmnist_study_mocov2_cpu.yaml",
-            "seeds": [0], "spread_seeds": [1], "jobs": 2},
-    "gpu": {"simclr": "configs/fmnist_simclr_gpu.yaml", "mocov2": "configs/fmnist_mocov2_gpu.yaml",
-            "seeds": [0, 1, 2], "spread_seeds": [], "jobs": 1},
-}
+from simclr_tau.records.run_data import final_tau, load_run_dir  # noqa: E402
+from study_tables import (FIGURES, LINEAR, RANKME, REFERENCE, TAU_STATS, aggregate, knn_columns,  # noqa: E402
+                          learned_ranking_line, markdown_table, mode_verdicts, ood_aggregate, ood_record, ood_table,
+                          paired_differences, paired_table, primary_knn, rankme_line, tau_table, verdict)
 
 LEARNABLE = ["temperature.mode=learnable", "temperature.init=0.2"]
 DRO = ["temperature.mode=dro", "temperature.init=0.2"]
 RUNS: Dict[str, Dict[str, Any]] = {
     "simclr-fixed-0.07": {"method": "simclr", "overrides": ["temperature.mode=fixed", "temperature.init=0.07"]},
+    "simclr-fixed-0.1": {"method": "simclr", "overrides": ["temperature.mode=fixed", "temperature.init=0.1"]},
     "simclr-fixed-0.2": {"method": "simclr", "overrides": ["temperature.mode=fixed", "temperature.init=0.2"]},
     "simclr-fixed-0.5": {"method": "simclr", "overrides": ["temperature.mode=fixed", "temperature.init=0.5"]},
     "simclr-learnable-log": {"method": "simclr", "overrides": LEARNABLE + ["temperature.parametrization=log"]},
     "simclr-learnable-softplus": {"method": "simclr", "overrides": LEARNABLE + ["temperature.parametrization=softplus"]},
     "simclr-learnable-relu": {"method": "simclr", "overrides": LEARNABLE + ["temperature.parametrization=relu"]},
+    # the unbounded learnable τ falls to ~0.01 within an epoch (round one); the conditional τ's bounds
+    "simclr-learnable-log-bounded": {"method": "simclr", "overrides": LEARNABLE + [
+        "temperature.parametrization=log", "temperature.tau_min=0.05", "temperature.tau_max=1.0"]},
     "simclr-conditional": {"method": "simclr", "overrides": ["temperature.mode=conditional", "temperature.init=0.2",
                                                              "temperature.tau_min=0.05", "temperature.tau_max=1.0"]},
     "simclr-cosine": {"method": "simclr", "overrides": ["temperature.mode=scheduled", "temperature.schedule.kind=cosine",
@@ -102,21 +121,74 @@ RUNS: Dict[str, Dict[str, Any]] = {
 }
 SPREAD_RUNS = ["simclr-fixed-0.2", "simclr-learnable-log"]
 
-# Xiao, Rasul & Vollgraf 2017, "Fashion-MNIST: a Novel Image Dataset for Benchmarking Machine Learning
-# Algorithms" (arXiv:1708.07747), Table 3 / the repository's benchmark: best test accuracy per classifier.
-PAPER_BASELINES = {"SVC (rbf, C=10)": 89.7, "KNeighbors (k=5, L1, distance)": 85.4, "LogisticRegression (C=1, L1)": 84.2}
+# round one (presets cpu and gpu; the DRO study ran a part of it with --only): every setting of that time
+SETTINGS_ROUND1 = [
+    "simclr-fixed-0.07", "simclr-fixed-0.2", "simclr-fixed-0.5", "simclr-learnable-log", "simclr-learnable-softplus",
+    "simclr-learnable-relu", "simclr-conditional", "simclr-cosine", "simclr-dro-global", "simclr-dro-per-sample",
+    "simclr-dro-per-sample-sogclr", "simclr-dro-global-rho1", "simclr-dro-per-sample-rho1",
+    "simclr-dro-per-sample-sogclr-rho1", "simclr-conditional-dro", "simclr-adaptive", "simclr-dcl-fixed-0.2",
+    "mocov2-fixed-0.2", "mocov2-learnable-log"]
+# round two (issue 17), preset cpu2; --best-learned adds its DCL and MoCo v2 variants (derived_runs)
+SETTINGS_ROUND2 = [
+    "simclr-fixed-0.1", "simclr-fixed-0.2", "simclr-fixed-0.5", "simclr-learnable-log", "simclr-learnable-log-bounded",
+    "simclr-dro-global", "simclr-dro-per-sample", "simclr-dro-per-sample-sogclr", "simclr-conditional",
+    "simclr-conditional-dro", "simclr-adaptive", "simclr-cosine", "simclr-dcl-fixed-0.2", "mocov2-fixed-0.2"]
+# τ as an OOD score: the per-sample τ modes and the fixed-τ run (its kNN distance is the baseline score).
+# Held out: 8 Bag and 9 Ankle boot, one far shift (no kept class looks like a bag) and one near shift (ankle
+# boots resemble the Sneaker and Sandal that stay in), so the AUROC is not a footwear-only test as [5, 9]
+# (Sandal, Ankle boot) would make it; as in the README's example of data.classes.
+OOD_SETTINGS = ["simclr-conditional", "simclr-conditional-dro", "simclr-dro-per-sample", "simclr-fixed-0.2"]
+OOD_CLASSES = [0, 1, 2, 3, 4, 5, 6, 7]
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # backbone / epochs / batch live in the configs; the comments there say why
+    "cpu": {"simclr": "configs/fmnist_study_cpu.yaml", "mocov2": "configs/fmnist_study_mocov2_cpu.yaml",
+            "seeds": [0], "spread_seeds": [1], "jobs": 2, "settings": SETTINGS_ROUND1, "spread_runs": SPREAD_RUNS,
+            "out": "runs/fmnist-study"},
+    "gpu": {"simclr": "configs/fmnist_simclr_gpu.yaml", "mocov2": "configs/fmnist_mocov2_gpu.yaml",
+            "seeds": [0, 1, 2], "spread_seeds": [], "jobs": 1, "settings": SETTINGS_ROUND1, "spread_runs": SPREAD_RUNS,
+            "out": "runs/fmnist-study"},
+    # round two: 5 seeds for fixed 0.2 and (--best-learned, --second-learned) the best two learned modes
+    "cpu2": {"simclr": "configs/fmnist_study2_cpu.yaml", "mocov2": "configs/fmnist_study2_mocov2_cpu.yaml",
+             "seeds": [0, 1, 2], "spread_seeds": [3, 4], "jobs": 2, "settings": SETTINGS_ROUND2,
+             "spread_runs": ["simclr-fixed-0.2"], "out": "runs/fmnist-study2",
+             "ood": {"settings": OOD_SETTINGS, "classes": OOD_CLASSES, "seeds": [0, 1, 2]}},
+}
 
 
+def _tau_mode(spec: Dict[str, Any]) -> str:
+    return next(o.split("=", 1)[1] for o in spec["overrides"] if o.startswith("temperature.mode="))
 
-TAU_STATS = ("tau_p1", "tau_p50", "tau_p99", "tau_at_min", "tau_at_max")
-REFERENCE = "simclr-fixed-0.2"  # what every learned τ is paired against
-# two-sided 95 % quantiles of Student's t, by degrees of freedom (scipy is not a dependency)
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
 
-# the figures of a row besides the kNN columns: metric names of the run record (summary.json)
-FIGURES = ("linear/test_top1", "calib/ece_before", "calib/ece_after", "diag/alignment", "diag/uniformity",
-           "train/images_per_s")
+def _robust(spec: Dict[str, Any]) -> bool:
+    """τ trained by the robust (dro) objective, which rejects loss.decoupled (it is decoupled already)."""
+    return "temperature.mode=dro" in spec["overrides"] or "temperature.objective=dro" in spec["overrides"]
+
+
+# the SimCLR settings whose τ is learned or follows the data: candidates for --best-learned
+LEARNED = [name for name, spec in RUNS.items() if spec["method"] == "simclr" and "loss.decoupled=true" not in
+           spec["overrides"] and _tau_mode(spec) in ("learnable", "conditional", "dro", "adaptive")]
+
+
+def derived_runs(best: Optional[str]) -> Tuple[Dict[str, Dict[str, Any]], List[str]]:
+    """The DCL and MoCo v2 variants of the best learned mode ``simclr-<mode>``: ``simclr-dcl-<mode>`` (its
+    overrides + loss.decoupled=true) and ``mocov2-<mode>`` (its overrides under MoCo v2), and notes on what
+    was not planned."""
+    if best is None:
+        return {}, ["--best-learned not given: DCL and MoCo v2 with the best learned mode are not planned (read the "
+                    "best two learned modes off results.md, then rerun with --best-learned NAME --second-learned NAME)"]
+    spec, mode = RUNS[best], best.removeprefix("simclr-")
+    out: Dict[str, Dict[str, Any]] = {}
+    notes = []
+    if _robust(spec):
+        notes.append(f"simclr-dcl-{mode}: not applicable, skipped ({best} trains τ by the robust objective, whose "
+                     f"negatives exclude the positive already: loss.decoupled is rejected with it)")
+    else:
+        out[f"simclr-dcl-{mode}"] = {"method": "simclr", "overrides": [*spec["overrides"], "loss.decoupled=true"]}
+    out[f"mocov2-{mode}"] = {"method": "mocov2", "overrides": list(spec["overrides"])}
+    for name, s in out.items():  # mocov2-learnable-log is a round-one setting already: the same run
+        assert RUNS.get(name, s) == s, f"{name}: derived differently from the RUNS entry of that name"
+    return out, notes
 
 
 @dataclass
@@ -127,26 +199,45 @@ class Step:
 
 @dataclass
 class Job:
-    name: str  # RUNS key
+    name: str  # the setting: a RUNS key or a derived one
     seed: int
-    run_dir: Path
+    run_dir: Path  # <out>/<label>
+    method: str = "simclr"
     steps: List[Step] = field(default_factory=list)
 
     @property
-    def label(self) -> str:
-        return f"{self.name}-s{self.seed}"
+    def label(self) -> str:  # <setting>-s<seed>, ood-<setting>-s<seed>: run name, log name
+        return self.run_dir.name
+
+
+@dataclass
+class Plan:
+    jobs: List[Job]  # the table's runs, setting by setting
+    ood_jobs: List[Job]  # the held-out-class runs (pretrain on data.classes, then `simclr-tau ood`)
+    notes: List[str]  # what was planned differently and why (printed, and in results.md)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="config overrides a.b=value for every run (e.g. train.epochs=1)")
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
-    p.add_argument("--out", default="runs/fmnist-study", help="study directory (default: %(default)s)")
-    p.add_argument("--only", nargs="+", choices=list(RUNS), default=None, help="run only these settings")
+    p.add_argument("--out", default=None, help="study directory (default: the preset's, runs/fmnist-study[2])")
+    p.add_argument("--only", nargs="*", choices=list(RUNS), default=None,
+                   help="run only these settings (default: the preset's list; no name: none but --best-learned's "
+                        "variants and the OOD block)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds for every run (preset default)")
     p.add_argument("--spread-seeds", type=int, nargs="*", default=None,
                    help="extra seeds for --spread-runs only (preset default; none: no extra seeds)")
-    p.add_argument("--spread-runs", nargs="*", choices=list(RUNS), default=SPREAD_RUNS)
+    p.add_argument("--spread-runs", nargs="*", choices=list(RUNS), default=None,
+                   help="the settings that get --spread-seeds (default: the preset's, + --best/--second-learned)")
+    p.add_argument("--best-learned", choices=LEARNED, default=None, metavar="NAME",
+                   help="the best learned τ mode (read off results.md): adds simclr-dcl-<mode> and mocov2-<mode>, "
+                        "and gets the spread seeds")
+    p.add_argument("--second-learned", choices=LEARNED, default=None, metavar="NAME",
+                   help="the second-best learned τ mode: gets the spread seeds")
+    p.add_argument("--ood", action=argparse.BooleanOptionalAction, default=None,
+                   help="the held-out-class block (default: on where the preset has one, cpu2)")
+    p.add_argument("--ood-seeds", type=int, nargs="+", default=None, help="seeds of the OOD block (preset default)")
     p.add_argument("--jobs", type=int, default=None, help="pipelines run at once (preset default)")
     p.add_argument("--no-baselines", action="store_true", help="skip the pixel and random-init baselines")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -155,52 +246,104 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    preset = PRESETS[args.preset]
+    if args.second_learned is not None and args.second_learned == args.best_learned:
+        parser.error("--second-learned must name another mode than --best-learned")
+    if args.ood and "ood" not in preset:
+        parser.error(f"--ood: preset {args.preset} has no OOD block (cpu2 has)")
+    args.ood = "ood" in preset if args.ood is None else args.ood
+    args.out = args.out or preset["out"]
+    if args.spread_runs is None:
+        extra = [n for n in (args.best_learned, args.second_learned) if n is not None]
+        args.spread_runs = list(dict.fromkeys([*preset["spread_runs"], *extra]))
+    return args
+
+
 def python_cmd(*args: str) -> List[str]:
     return [sys.executable, "-m", "simclr_tau", *args]
 
 
-def plan(args: argparse.Namespace) -> List[Job]:
-    """One Job per (setting, seed) with its pretrain / knn / linear steps."""
+def pretrain_step(args: argparse.Namespace, job: Job, overrides: Sequence[str]) -> Step:
+    """``pretrain`` of ``job`` into ``<out>/<label>``, resumed when an interrupted run left its directory."""
+    pre = python_cmd("pretrain", str(REPO / PRESETS[args.preset][job.method]), *overrides, *args.overrides,
+                     f"train.seed={job.seed}", f"train.output_dir={args.out}", f"train.run_name={job.label}",
+                     "train.progress=false")
+    if job.run_dir.is_dir() and not (job.run_dir / "encoder.safetensors").is_file():
+        pre += ["--resume", "auto"]  # an interrupted run continues from its last checkpoint
+    return Step(pre, job.run_dir / "encoder.safetensors")
+
+
+def plan(args: argparse.Namespace) -> Plan:
+    """One Job per (setting, seed) with its pretrain / knn / linear steps, and the OOD block's Jobs (pretrain on
+    data.classes / ood) when ``args.ood``."""
     preset = PRESETS[args.preset]
     seeds = args.seeds if args.seeds is not None else preset["seeds"]
     spread = args.spread_seeds if args.spread_seeds is not None else preset["spread_seeds"]
     out = Path(args.out)
+    derived, notes = derived_runs(args.best_learned)
+    specs = {**RUNS, **derived}
+    settings = list(dict.fromkeys([*(args.only if args.only is not None else preset["settings"]), *derived]))
     jobs = []
-    for name in args.only or list(RUNS):
-        spec = RUNS[name]
+    for name in settings:
+        spec = specs[name]
         run_seeds = list(seeds) + [s for s in spread if name in args.spread_runs and s not in seeds]
         for seed in run_seeds:
-            job = Job(name, seed, out / f"{name}-s{seed}")
-            pre = python_cmd("pretrain", str(REPO / preset[spec["method"]]), *spec["overrides"], *args.overrides,
-                             f"train.seed={seed}", f"train.output_dir={out}", f"train.run_name={job.label}",
-                             "train.progress=false")
-            if job.run_dir.is_dir() and not (job.run_dir / "encoder.safetensors").is_file():
-                pre += ["--resume", "auto"]  # an interrupted run continues from its last checkpoint
+            job = Job(name, seed, out / f"{name}-s{seed}", spec["method"])
             ev = job.run_dir / "eval"
-            job.steps = [Step(pre, job.run_dir / "encoder.safetensors"),
+            job.steps = [pretrain_step(args, job, spec["overrides"]),
                          Step(python_cmd("knn", str(job.run_dir), "--no-progress"), ev / "knn.json"),
                          Step(python_cmd("linear", str(job.run_dir), "--no-progress"), ev / "linear.json")]
             jobs.append(job)
-    return jobs
+    ood_jobs = []
+    if args.ood:
+        block = preset["ood"]
+        classes = "data.classes=[" + ",".join(map(str, block["classes"])) + "]"
+        for name in block["settings"]:
+            for seed in args.ood_seeds or block["seeds"]:
+                job = Job(name, seed, out / f"ood-{name}-s{seed}", RUNS[name]["method"])
+                job.steps = [pretrain_step(args, job, [*RUNS[name]["overrides"], classes]),
+                             Step(python_cmd("ood", str(job.run_dir), "--no-progress"),
+                                  job.run_dir / "eval" / "ood.json")]
+                ood_jobs.append(job)
+    return Plan(jobs, ood_jobs, notes)
+
+
+def schedule(jobs: List[Job]) -> List[Job]:
+    """The order the pool starts ``jobs`` in: seed by seed (in the order the seeds were given), so that every
+    setting's first seed finishes before any setting's second — an interrupted study holds paired results."""
+    order = list(dict.fromkeys(j.seed for j in jobs))
+    return sorted(jobs, key=lambda j: order.index(j.seed))
 
 
 def reference_job(jobs: List[Job]) -> Optional[Job]:
     """The run whose architecture the random-init baseline uses (the first SimCLR run)."""
-    return next((j for j in jobs if RUNS[j.name]["method"] == "simclr"), None)
+    return next((j for j in jobs if j.method == "simclr"), None)
 
 
 def baseline_steps(args: argparse.Namespace, jobs: List[Job]) -> Tuple[List[Step], List[Step]]:
-    """(raw pixels, random-init encoder) steps, kNN + linear each. The random-init ones read the reference
-    run's config.yaml and write eval/knn_random_init.json, linear_random_init.json next to its own results."""
+    """(raw pixels, random-init encoder) steps, kNN + linear each (and, with the OOD block, the pixels' OOD
+    scores on the same held-out classes). The random-init ones read the reference run's config.yaml and write
+    eval/knn_random_init.json, linear_random_init.json next to its own results."""
     config = str(REPO / PRESETS[args.preset]["simclr"])
     pix = Path(args.out) / "baselines" / "pixels"
     pixels = [Step(python_cmd(sub, "pixels", "--config", config, "--out", str(pix), "--no-progress", *args.overrides),
                    pix / f"{sub}.json") for sub in ("knn", "linear")]
+    if args.ood:
+        pix_ood, classes = pixel_ood_dir(args), ",".join(map(str, PRESETS[args.preset]["ood"]["classes"]))
+        pixels.append(Step(python_cmd("ood", "pixels", "--config", config, f"data.classes=[{classes}]", *args.overrides,
+                                      "--out", str(pix_ood), "--no-progress"), pix_ood / "ood.json"))
     ref = reference_job(jobs)
     random_init = [] if ref is None else [
         Step(python_cmd(sub, str(ref.run_dir), "--random-init", "--no-progress"),
              ref.run_dir / "eval" / f"{sub}_random_init.json") for sub in ("knn", "linear")]
     return pixels, random_init
+
+
+def pixel_ood_dir(args: argparse.Namespace) -> Path:
+    return Path(args.out) / "baselines" / "pixels-ood"
 
 
 def compare_step(args: argparse.Namespace, jobs: List[Job]) -> Step:
@@ -243,11 +386,6 @@ def step_seconds(out: Path) -> Dict[Tuple[str, str], float]:
     return {(r["label"], r["step"]): r["seconds"] for r in rows if r["rc"] == 0}
 
 
-def knn_columns(rows: Sequence[Dict[str, Any]]) -> List[str]:
-    """The kNN top-1 metric names present in ``rows`` (knn/top1_k20_t0.07, ...), sorted by k then T."""
-    return sorted({k for r in rows for k in r if k.startswith("knn/top1_")}, key=knn_order)
-
-
 def run_row(job: Job, seconds: Dict[Tuple[str, str], float]) -> Dict[str, Any]:
     """One run's figures, read with the comparison's own loader (summary.json merged over metrics.jsonl)."""
     row: Dict[str, Any] = {"run": job.name, "seed": job.seed, "run_dir": str(job.run_dir)}
@@ -256,6 +394,8 @@ def run_row(job: Job, seconds: Dict[Tuple[str, str], float]) -> Dict[str, Any]:
     r = load_run_dir(job.run_dir)
     row.update({k: v for k, v in r.final.items() if k.startswith("knn/top1_") or k in FIGURES})
     row["tau"] = final_tau(r)  # scalar τ, or the batch mean of a per-sample τ
+    rankme = r.final.get(RANKME)  # of the final encoder: the online kNN runs at the last epoch too
+    row[RANKME] = rankme if rankme is not None and math.isfinite(rankme) else None
     for k in TAU_STATS:  # a dro τ's state: quantiles of all τ_i, the fraction of them at a bound
         if f"train/{k}" in r.final:
             row[k] = r.final[f"train/{k}"]
@@ -290,149 +430,16 @@ def baseline_rows(args: argparse.Namespace, jobs: List[Job]) -> List[Dict[str, A
     return rows
 
 
-def aggregate(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Rows of the same setting merged: {"run", "seeds", "mean": {figure: value}, "std": {figure: sample std}}
-    over the evaluated seeds (std None for one seed)."""
-    out = []
-    for name in dict.fromkeys(r["run"] for r in rows):
-        group = [r for r in rows if r["run"] == name and knn_columns([r])]  # a seed still training does not count
-        agg: Dict[str, Any] = {"run": name, "seeds": [r["seed"] for r in group], "mean": {}, "std": {}}
-        for key in [*knn_columns(group), *FIGURES, "tau", *TAU_STATS, "pretrain_min"]:
-            vals = [r[key] for r in group if r.get(key) is not None]
-            agg["mean"][key] = statistics.fmean(vals) if vals else None
-            agg["std"][key] = statistics.stdev(vals) if len(vals) > 1 else None
-        out.append(agg)
-    return out
+def ood_row(job: Job) -> Dict[str, Any]:
+    """One OOD run's figures from its eval/ood.json (only the setting and seed while it is not written yet)."""
+    path = job.run_dir / "eval" / "ood.json"
+    row: Dict[str, Any] = {"run": job.name, "seed": job.seed, "run_dir": str(job.run_dir)}
+    return {**row, **ood_record(json.loads(path.read_text()))} if path.is_file() else row
 
 
-def _fmt(v: Optional[float], std: Optional[float] = None, digits: int = 2, scale: float = 1.0) -> str:
-    if v is None:
-        return "–"
-    s = f"{scale * v:.{digits}f}"
-    return s + (f" ± {scale * std:.{digits}f}" if std is not None else "")
-
-
-def markdown_table(agg: List[Dict[str, Any]], baselines: List[Dict[str, Any]]) -> str:
-    keys = knn_columns([a["mean"] for a in agg])
-    cols = ["run", "seeds", *[knn_label(k) for k in keys], "linear", "ECE before → after (%)", "align", "uniform",
-            "final τ", "pretrain min"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for a in agg:
-        m, sd = a["mean"], a["std"]
-        cells = [a["run"], ",".join(map(str, a["seeds"])), *[_fmt(m.get(k), sd.get(k)) for k in keys],
-                 _fmt(m["linear/test_top1"], sd["linear/test_top1"]),
-                 f"{_fmt(m['calib/ece_before'], None, 2, 100)} → {_fmt(m['calib/ece_after'], None, 2, 100)}",
-                 _fmt(m["diag/alignment"], None, 3), _fmt(m["diag/uniformity"], None, 3), _fmt(m["tau"], sd["tau"], 4),
-                 _fmt(m["pretrain_min"], None, 1)]
-        lines.append("| " + " | ".join(cells) + " |")
-    blank = [""] * 5
-    for b in baselines:
-        lines.append("| " + " | ".join([f"*{b['run']}*", "–", *[_fmt(b.get(k)) for k in keys],
-                                        _fmt(b.get("linear/test_top1")), *blank]) + " |")
-    for name, acc in PAPER_BASELINES.items():
-        lines.append("| " + " | ".join([f"*paper: {name}*", "–", *[""] * len(keys), f"{acc:.1f} (classifier)", *blank])
-                     + " |")
-    return "\n".join(lines)
-
-
-def verdict(agg: List[Dict[str, Any]], baselines: List[Dict[str, Any]]) -> List[str]:
-    """The goals of the study, checked on the figures (printed and written to results.md)."""
-    out: List[str] = []
-    keys = knn_columns([a["mean"] for a in agg])
-    ssl = [a for a in agg if keys and a["mean"].get(keys[0]) is not None]
-    if not ssl:
-        return ["no finished run"]
-    base = {b["run"]: b for b in baselines}
-    for key in keys:
-        for bname in ("random-init encoder", "raw pixels"):
-            ref = base.get(bname, {}).get(key)
-            if ref is None:
-                continue
-            miss = [a["run"] for a in ssl if a["mean"].get(key) is not None and a["mean"][key] <= ref]
-            out.append(f"{knn_label(key)}: {len(ssl) - len(miss)}/{len(ssl)} runs beat the {bname} ({ref:.2f})"
-                       + (f"; not: {', '.join(miss)}" if miss else ""))
-    for key, label in (("linear/test_top1", "linear probe"), *[(k, knn_label(k)) for k in keys[:1]]):
-        ranked = sorted((a for a in ssl if a["mean"].get(key) is not None), key=lambda a: -a["mean"][key])
-        if len(ranked) >= 2:
-            best, second = ranked[0], ranked[1]
-            gap = best["mean"][key] - second["mean"][key]
-            spreads = [a["std"][key] for a in ssl if a["std"].get(key) is not None]
-            noise = (f"; largest seed std among multi-seed rows {max(spreads):.2f}, so the gap is "
-                     f"{'larger' if gap > max(spreads) else 'not larger'} than seed noise") if spreads else \
-                "; one seed per run, no spread measured"
-            out.append(f"best {label}: {best['run']} {best['mean'][key]:.2f}, ahead of {second['run']} by "
-                       f"{gap:.2f}{noise}")
-    best_lin = max((a["mean"]["linear/test_top1"] for a in ssl if a["mean"]["linear/test_top1"] is not None),
-                   default=None)
-    if best_lin is not None:
-        svc = PAPER_BASELINES["SVC (rbf, C=10)"]
-        out.append(f"best linear probe {best_lin:.2f} vs the paper's best classical baseline (SVC) {svc}: "
-                   f"{'above' if best_lin > svc else 'below'}")
-    return out
-
-
-def t975(df: int) -> float:
-    """Student's t two-sided 95 % quantile for ``df`` degrees of freedom (the next tabulated df below)."""
-    return T975[max(d for d in T975 if d <= df)] if df < 30 else 1.96 + 2.4 / df
-
-
-def paired_differences(rows: List[Dict[str, Any]], keys: Sequence[str], reference: str = REFERENCE
-                       ) -> List[Dict[str, Any]]:
-    """Each setting minus ``reference`` on the seeds both ran (same seed = same data order, augmentations and
-    initialization): mean difference, sample std, 95 % t-interval, verdict (better / worse when the interval
-    excludes 0, else no evidence), per metric."""
-    ref = {r["seed"]: r for r in rows if r["run"] == reference and knn_columns([r])}
-    out = []
-    for name in dict.fromkeys(r["run"] for r in rows if r["run"] != reference):
-        mine = {r["seed"]: r for r in rows if r["run"] == name and knn_columns([r])}
-        seeds = sorted(set(mine) & set(ref))
-        for key in keys:
-            d = [mine[s][key] - ref[s][key] for s in seeds if mine[s].get(key) is not None and ref[s].get(key) is not None]
-            entry = {"run": name, "metric": key, "seeds": seeds, "n": len(d), "mean": statistics.fmean(d) if d else None}
-            if len(d) >= 2:
-                sd = statistics.stdev(d)
-                half = t975(len(d) - 1) * sd / len(d) ** 0.5
-                lo, hi = entry["mean"] - half, entry["mean"] + half
-                entry.update(std=sd, lo=lo, hi=hi, verdict="better" if lo > 0 else "worse" if hi < 0 else "no evidence")
-            else:
-                entry.update(std=None, lo=None, hi=None, verdict="one seed: no interval")
-            out.append(entry)
-    return out
-
-
-def paired_table(diffs: List[Dict[str, Any]], keys: Sequence[str]) -> str:
-    if not diffs:
-        return ""
-    head = ["run", "seeds", *[f"Δ {knn_label(k) if k.startswith('knn/') else 'linear'}" for k in keys]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in dict.fromkeys(d["run"] for d in diffs):
-        cells = [name]
-        ds = {d["metric"]: d for d in diffs if d["run"] == name}
-        cells.append(",".join(map(str, next(iter(ds.values()))["seeds"])))
-        for k in keys:
-            d = ds.get(k)
-            if d is None or d["mean"] is None:
-                cells.append("–")
-            elif d["lo"] is None:
-                cells.append(f"{d['mean']:+.2f} ({d['verdict']})")
-            else:
-                cells.append(f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] {d['verdict']}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def tau_table(agg: List[Dict[str, Any]]) -> str:
-    """τ statistics of the runs whose τ has state (dro per-sample: quantiles of all τ_i and the bounds)."""
-    rows = [a for a in agg if a["mean"].get("tau_p50") is not None or a["mean"].get("tau_at_min") is not None]
-    if not rows:
-        return ""
-    lines = ["| run | final τ (scalar or batch mean) | τ_i p1 / p50 / p99 | fraction of τ at τ_min / τ_max |", "|---|---|---|---|"]
-    for a in rows:
-        m = a["mean"]
-        q = " / ".join(_fmt(m.get(k), None, 3) for k in ("tau_p1", "tau_p50", "tau_p99")) if m.get("tau_p50") is not None else "–"
-        lines.append(f"| {a['run']} | {_fmt(m['tau'], a['std'].get('tau'), 4)} | {q} | "
-                     f"{_fmt(m.get('tau_at_min'), None, 3)} / {_fmt(m.get('tau_at_max'), None, 3)} |")
-    return "\n".join(lines)
+def pixel_ood_row(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    path = pixel_ood_dir(args) / "ood.json"
+    return ood_record(json.loads(path.read_text())) if not args.no_baselines and path.is_file() else None
 
 
 def machine() -> str:
@@ -442,28 +449,45 @@ def machine() -> str:
     return f"{platform.node()}: {os.cpu_count()} CPU cores, {gpu}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def write_results(args: argparse.Namespace, jobs: List[Job], wall_s: float, wall_what: str = "wall time of this invocation"
+def write_results(args: argparse.Namespace, study: Plan, wall_s: float, wall_what: str = "wall time of this invocation"
                   ) -> str:
     seconds = step_seconds(Path(args.out))
+    jobs = study.jobs
     rows = [run_row(j, seconds) for j in jobs]
     agg, base = aggregate(rows), ([] if args.no_baselines else baseline_rows(args, jobs))
     notes = verdict(agg, base)
-    keys = [*knn_columns(rows), "linear/test_top1"]
+    keys = [*knn_columns(rows), LINEAR]
     diffs = paired_differences(rows, keys)
+    main_keys = [k for k in (primary_knn(knn_columns(rows)), LINEAR) if k is not None]
+    verdicts = mode_verdicts(agg, diffs, main_keys) if any(a["seeds"] for a in agg) else []
+    selection = [rankme_line(agg)] if any(a["seeds"] for a in agg) else []
+    ranking = learned_ranking_line(agg, LEARNED, (args.best_learned, args.second_learned))
+    ood_rows = [ood_row(j) for j in study.ood_jobs]
+    ood_agg = ood_aggregate(ood_rows)
+    pix_ood = pixel_ood_row(args)
     cmd = shlex.join([Path(sys.executable).name, *sys.argv])
     md = "\n".join([
         f"# Fashion-MNIST τ study ({args.preset} preset)", "",
         f"Command: `{cmd}`  ", f"Machine: {machine()}  ", f"Time: {wall_s / 60:.1f} min ({wall_what})", "",
+        *([*[f"- plan: {n}" for n in study.notes], ""] if study.notes else []),
         "Test-set top-1 (%) on the 10k Fashion-MNIST test images; mean ± sample std over seeds where several ran.", "",
-        markdown_table(agg, base), "", *[f"- {n}" for n in notes], "",
+        markdown_table(agg, base), "", *[f"- {n}" for n in [*notes, *selection, *([ranking] if ranking else [])]], "",
+        *([f"Verdict per setting against {REFERENCE}: mean ± std over its seeds, and the paired difference on the "
+           "seeds both ran, mean [95 % t-interval] (better / worse when the interval excludes 0):", "",
+           *[f"- {v}" for v in verdicts], ""] if verdicts else []),
         *([f"Paired differences to {REFERENCE} (same seeds), mean [95 % t-interval] and verdict:", "",
            paired_table(diffs, keys), ""] if diffs else []),
         *(["τ statistics at the end of training (mean over seeds):", "", tau_table(agg), ""] if tau_table(agg) else []),
+        *(["## τ as an out-of-distribution score (`simclr-tau ood`)", "", ood_table(ood_agg, ood_rows, pix_ood), ""]
+          if study.ood_jobs else []),
         "Plots: `compare/` (kNN vs epoch, loss and τ vs step, final metrics), `compare/report.html`.", ""])
     out = Path(args.out)
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"rows": rows, "aggregate": agg, "baselines": base, "verdict": notes,
-                                                  "paired": diffs,
+                                                  "paired": diffs, "verdict_per_setting": verdicts,
+                                                  "rankme": selection, "learned_ranking": ranking,
+                                                  "ood": {"rows": ood_rows, "aggregate": ood_agg, "pixels": pix_ood},
+                                                  "plan_notes": study.notes,
                                                   "machine": machine(), "wall_s": wall_s, "command": cmd}, indent=2))
     return md
 
@@ -475,30 +499,37 @@ def subprocess_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    args = parse_args(argv)
     preset = PRESETS[args.preset]
     jobs_n = args.jobs or preset["jobs"]
-    jobs = plan(args)
+    study = plan(args)
+    jobs, ood_jobs = study.jobs, study.ood_jobs
     pixel_steps, random_steps = ([], []) if args.no_baselines else baseline_steps(args, jobs)
     logs = Path(args.out) / "logs"
-    if args.dry_run:
-        for step in [s for j in jobs for s in j.steps] + pixel_steps + random_steps + [compare_step(args, jobs)]:
+    if args.dry_run:  # a shell script: the notes as comments, then every command in the order it would start
+        for note in study.notes:
+            print(f"# {note}")
+        for step in ([s for j in schedule(jobs) + schedule(ood_jobs) for s in j.steps] + pixel_steps + random_steps
+                     + ([compare_step(args, jobs)] if jobs else [])):
             print(shlex.join(step.cmd))
         return 0
+    for note in study.notes:
+        print(note, flush=True)
     t0 = time.time()
     if args.report_only:
         finished = [j for j in jobs if (j.run_dir / "encoder.safetensors").is_file()]
         ok = run_steps("compare", [compare_step(args, finished)], logs, subprocess_env()) if finished else True
         wall = sum(step_seconds(Path(args.out)).values())  # a rebuilt report has no wall clock of its own
-        print("\n" + write_results(args, jobs, wall, "sum of the recorded step times; steps ran --jobs at a time"),
+        print("\n" + write_results(args, study, wall, "sum of the recorded step times; steps ran --jobs at a time"),
               flush=True)
         return 0 if ok else 1
     threads = max(1, (os.cpu_count() or 1) // jobs_n)
     env = subprocess_env({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
                           "WANDB_RUN_GROUP": os.environ.get("WANDB_RUN_GROUP", f"fmnist-study-{args.preset}")})
-    print(f"{len(jobs)} runs, {jobs_n} at a time ({env['OMP_NUM_THREADS']} threads each); logs in {logs}", flush=True)
+    print(f"{len(jobs)} runs + {len(ood_jobs)} OOD runs, {jobs_n} at a time ({env['OMP_NUM_THREADS']} threads each); "
+          f"logs in {logs}", flush=True)
     with ThreadPoolExecutor(jobs_n) as pool:
-        futures = [pool.submit(run_steps, j.label, j.steps, logs, env) for j in jobs]
+        futures = [pool.submit(run_steps, j.label, j.steps, logs, env) for j in schedule(jobs) + schedule(ood_jobs)]
         if pixel_steps:  # one more pipeline in the pool
             futures.append(pool.submit(run_steps, "baselines", pixel_steps, logs, env))
         ok = [f.result() for f in futures]
@@ -507,7 +538,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finished = [j for j in jobs if (j.run_dir / "encoder.safetensors").is_file()]
     if finished:
         ok.append(run_steps("compare", [compare_step(args, finished)], logs, env))
-    md = write_results(args, jobs, time.time() - t0)
+    md = write_results(args, study, time.time() - t0)
     print("\n" + md, flush=True)
     return 0 if all(ok) else 1
 

@@ -139,7 +139,7 @@ class Selection:
 
 def final_value(run: Any, key: str) -> Optional[float]:
     """A run's final finite value of ``key``: from its final metrics (RunData.final or a plain dict), else the
-    last finite one of its logged rows (``online_rankme`` has no ``/``, so RunData.final leaves it out)."""
+    last finite one of its logged rows (a RunData whose final metrics do not hold ``key``)."""
     final = run if isinstance(run, Mapping) else getattr(run, "final", {})
     v = final.get(key)
     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):

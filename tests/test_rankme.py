@@ -151,6 +151,18 @@ def test_tiny_pretraining_logs_online_rankme(tmp_path: Path) -> None:
     assert sweep.final_value(sweep_run_data(result.run_dir), "online_rankme") == online[0]["online_rankme"]
 
 
+def test_run_data_keeps_online_rankme_among_the_final_metrics(tmp_path: Path) -> None:
+    from simclr_tau.records.run_data import is_metric, load_run_dir
+
+    rows = [{"step": 4, "epoch": 1.0, "online_knn/top1_k20_t0.07": 50.0, "online_rankme": 7.5},
+            {"step": 8, "epoch": 2.0, "online_knn/top1_k20_t0.07": 55.0, "online_rankme": 9.25, "images": 128}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "summary.json").write_text(json.dumps({"run_name": "r", "knn/top1_k20_t0.07": 60.0}))
+    final = load_run_dir(tmp_path).final
+    assert final == {"online_knn/top1_k20_t0.07": 55.0, "online_rankme": 9.25, "knn/top1_k20_t0.07": 60.0}
+    assert is_metric("online_rankme") and not is_metric("step") and not is_metric("_runtime")
+
+
 def sweep_run_data(run_dir: Path) -> RunData:
     from simclr_tau.records.run_data import load_run_dir
 

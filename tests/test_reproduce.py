@@ -37,12 +37,13 @@ def test_dry_run_plans_every_setting_with_valid_configs(tmp_path, preset) -> Non
     proc = subprocess.run([sys.executable, str(SCRIPT), "--preset", preset, "--out", str(tmp_path), "--dry-run"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    lines = [line.split() for line in proc.stdout.strip().splitlines()]
+    lines = [line.split() for line in proc.stdout.strip().splitlines() if not line.startswith("#")]
     pretrain = [a for a in lines if a[3] == "pretrain"]
     mod = _module()
     seeds = mod.PRESETS[preset]["seeds"]
     extra = [s for s in mod.PRESETS[preset]["spread_seeds"] if s not in seeds]
-    assert len(pretrain) == len(mod.RUNS) * len(seeds) + len(mod.SPREAD_RUNS) * len(extra)
+    assert mod.PRESETS[preset]["settings"] == mod.SETTINGS_ROUND1 and "ood" not in mod.PRESETS[preset]
+    assert len(pretrain) == len(mod.SETTINGS_ROUND1) * len(seeds) + len(mod.SPREAD_RUNS) * len(extra)
     assert sum(a[3] == "knn" for a in lines) == len(pretrain) + 2  # + pixels and random init
     assert sum(a[3] == "linear" for a in lines) == len(pretrain) + 2
     assert lines[-1][3] == "compare"
@@ -164,3 +165,269 @@ def test_paired_differences_use_common_seeds_and_a_t_interval() -> None:
     assert worse[0]["verdict"] == "worse"
     table = repro.paired_table(list(diffs.values()), [K])
     assert "| a | 0,1,2 | +1.17 [" in table and "better" in table
+
+
+# ---- round two: preset cpu2 ------------------------------------------------------------------------------
+
+K20, K200, LIN = "knn/top1_k20_t0.07", "knn/top1_k200_t0.1", "linear/test_top1"
+
+
+def _plan(mod, tmp_path, *argv):
+    return mod.plan(mod.parse_args(["--preset", "cpu2", "--out", str(tmp_path), *argv]))
+
+
+def _seeds(jobs) -> dict:
+    out: dict = {}
+    for j in jobs:
+        out.setdefault(j.name, []).append(j.seed)
+    return out
+
+
+def _config(job):
+    argv = job.steps[0].cmd
+    assert argv[3] == "pretrain"
+    return load_config(argv[4], argv[5:])
+
+
+def _temperature(cfg) -> tuple:
+    t = cfg.temperature
+    return (cfg.train.method, t.mode, None if t.mode == "scheduled" else t.init,
+            t.parametrization if t.mode == "learnable" else None, t.tau_min, t.tau_max,
+            (t.objective, t.dro.per_sample, t.dro.estimator) if t.mode == "dro" or t.objective == "dro" else None,
+            (t.schedule.kind, t.schedule.start, t.schedule.end) if t.mode == "scheduled" else None, cfg.loss.decoupled)
+
+
+ROUND2 = {  # setting: (method, mode, init, parametrization, tau_min, tau_max, dro, schedule, decoupled)
+    "simclr-fixed-0.1": ("simclr", "fixed", 0.1, None, None, None, None, None, False),
+    "simclr-fixed-0.2": ("simclr", "fixed", 0.2, None, None, None, None, None, False),
+    "simclr-fixed-0.5": ("simclr", "fixed", 0.5, None, None, None, None, None, False),
+    "simclr-learnable-log": ("simclr", "learnable", 0.2, "log", None, None, None, None, False),
+    "simclr-learnable-log-bounded": ("simclr", "learnable", 0.2, "log", 0.05, 1.0, None, None, False),
+    "simclr-dro-global": ("simclr", "dro", 0.2, None, None, None, ("contrastive", False, "batch"), None, False),
+    "simclr-dro-per-sample": ("simclr", "dro", 0.2, None, None, None, ("contrastive", True, "batch"), None, False),
+    "simclr-dro-per-sample-sogclr": ("simclr", "dro", 0.2, None, None, None, ("contrastive", True, "sogclr"), None,
+                                     False),
+    "simclr-conditional": ("simclr", "conditional", 0.2, None, 0.05, 1.0, None, None, False),
+    "simclr-conditional-dro": ("simclr", "conditional", 0.2, None, 0.05, 1.0, ("dro", False, "batch"), None, False),
+    "simclr-adaptive": ("simclr", "adaptive", 0.2, None, None, None, None, None, False),
+    "simclr-cosine": ("simclr", "scheduled", None, None, None, None, None, ("cosine", 0.5, 0.1), False),
+    "simclr-dcl-fixed-0.2": ("simclr", "fixed", 0.2, None, None, None, None, None, True),
+    "mocov2-fixed-0.2": ("mocov2", "fixed", 0.2, None, None, None, None, None, False),
+}
+
+
+def test_cpu2_plans_round_two_on_the_new_network_with_five_seeds_for_fixed_0_2(tmp_path) -> None:
+    mod = _module()
+    study = _plan(mod, tmp_path)
+    seeds = _seeds(study.jobs)
+    assert list(seeds) == list(ROUND2) == mod.SETTINGS_ROUND2
+    assert seeds.pop("simclr-fixed-0.2") == [0, 1, 2, 3, 4] and all(s == [0, 1, 2] for s in seeds.values())
+    assert len(study.notes) == 1 and study.notes[0].startswith("--best-learned not given")
+    for job in study.jobs:
+        cfg = _config(job)
+        assert _temperature(cfg) == ROUND2[job.name], job.name
+        assert (cfg.train.seed, cfg.train.run_name, cfg.train.output_dir) == (job.seed, job.label, str(tmp_path))
+        assert job.run_dir == tmp_path / f"{job.name}-s{job.seed}" and [s.cmd[3] for s in job.steps] == [
+            "pretrain", "knn", "linear"]
+        m = cfg.model
+        assert (m.backbone, m.backbone_kwargs["channels"], m.small_stem, m.stem_pool) == (
+            "resnet10t", [32, 64, 128, 256], False, False)
+        assert cfg.train.epochs == 6 and cfg.eval.online_knn_every == 1 and cfg.data.classes is None
+    # started seed by seed: every setting's seed 0 before any seed 1
+    assert [j.seed for j in mod.schedule(study.jobs)][:len(ROUND2)] == [0] * len(ROUND2)
+
+
+def test_cpu2_ood_block_pretrains_on_eight_classes_then_scores_each_run(tmp_path) -> None:
+    mod = _module()
+    study = _plan(mod, tmp_path)
+    assert [(j.name, j.seed) for j in study.ood_jobs] == [(n, s) for n in mod.OOD_SETTINGS for s in (0, 1, 2)]
+    assert mod.OOD_SETTINGS == ["simclr-conditional", "simclr-conditional-dro", "simclr-dro-per-sample",
+                                "simclr-fixed-0.2"]
+    for job in study.ood_jobs:
+        cfg = _config(job)
+        assert cfg.data.classes == [0, 1, 2, 3, 4, 5, 6, 7] and _temperature(cfg) == ROUND2[job.name]
+        assert job.run_dir == tmp_path / f"ood-{job.name}-s{job.seed}" and cfg.train.run_name == job.run_dir.name
+        ood = job.steps[1]
+        assert ood.cmd[3:5] == ["ood", str(job.run_dir)] and ood.output == job.run_dir / "eval" / "ood.json"
+    assert _plan(mod, tmp_path, "--no-ood").ood_jobs == []
+    assert [j.seed for j in _plan(mod, tmp_path, "--only", "--ood-seeds", "5").ood_jobs] == [5] * 4
+    assert _plan(mod, tmp_path, "--only").jobs == []  # the OOD block alone
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--preset", "cpu", "--ood"])  # round one has no OOD block
+
+
+def test_best_learned_adds_its_dcl_and_mocov2_variants_and_five_seeds_for_the_best_two(tmp_path) -> None:
+    mod = _module()
+    study = _plan(mod, tmp_path, "--best-learned", "simclr-conditional", "--second-learned",
+                  "simclr-learnable-log-bounded")
+    seeds = _seeds(study.jobs)
+    assert list(seeds) == [*mod.SETTINGS_ROUND2, "simclr-dcl-conditional", "mocov2-conditional"] and study.notes == []
+    assert {n for n, s in seeds.items() if s == [0, 1, 2, 3, 4]} == {
+        "simclr-fixed-0.2", "simclr-conditional", "simclr-learnable-log-bounded"}
+    assert all(s == [0, 1, 2] for n, s in seeds.items() if n not in ("simclr-fixed-0.2", "simclr-conditional",
+                                                                     "simclr-learnable-log-bounded"))
+    first = {j.name: _config(j) for j in study.jobs if j.seed == 0}
+    conditional = ROUND2["simclr-conditional"]
+    assert _temperature(first["simclr-dcl-conditional"]) == (*conditional[:-1], True)
+    assert _temperature(first["mocov2-conditional"]) == ("mocov2", *conditional[1:])
+    moco = first["mocov2-conditional"]
+    assert moco.moco.queue_size == 4096 and moco.model.stem_pool is False and moco.optim.lr == 0.06
+    # a dro mode: DCL does not apply (one line says so), MoCo v2 does
+    dro = _plan(mod, tmp_path, "--best-learned", "simclr-dro-per-sample", "--second-learned", "simclr-conditional")
+    names = list(_seeds(dro.jobs))
+    assert names == [*mod.SETTINGS_ROUND2, "mocov2-dro-per-sample"]
+    assert len(dro.notes) == 1 and dro.notes[0].startswith("simclr-dcl-dro-per-sample: not applicable, skipped")
+    assert _seeds(dro.jobs)["simclr-dro-per-sample"] == [0, 1, 2, 3, 4]
+    for bad in (["--best-learned", "simclr-fixed-0.2"], ["--best-learned", "simclr-adaptive", "--second-learned",
+                                                         "simclr-adaptive"]):
+        with pytest.raises(SystemExit):
+            mod.parse_args(["--preset", "cpu2", *bad])
+
+
+def test_every_learned_mode_derives_valid_configs_and_dro_ones_skip_dcl() -> None:
+    from simclr_tau.errors import UserError
+
+    mod = _module()
+    assert "simclr-learnable-log-bounded" in mod.LEARNED and "simclr-cosine" not in mod.LEARNED
+    for best in mod.LEARNED:
+        derived, notes = mod.derived_runs(best)
+        for name, spec in derived.items():
+            cfg = load_config(REPO / mod.PRESETS["cpu2"][spec["method"]], spec["overrides"])
+            assert cfg.train.method == spec["method"] and cfg.loss.decoupled == name.startswith("simclr-dcl-")
+        base = mod.RUNS[best]["overrides"]
+        if mod._robust(mod.RUNS[best]):  # the skip is what the config validation would say anyway
+            assert list(derived) == [f"mocov2-{best[len('simclr-'):]}"] and len(notes) == 1
+            with pytest.raises(UserError, match="loss.decoupled"):
+                load_config(REPO / mod.PRESETS["cpu2"]["simclr"], [*base, "loss.decoupled=true"])
+        else:
+            assert len(derived) == 2 and notes == []
+    assert mod.derived_runs("simclr-learnable-log")[0]["mocov2-learnable-log"] == mod.RUNS["mocov2-learnable-log"]
+
+
+def test_cpu2_dry_run_prints_every_command(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--preset", "cpu2", "--out", str(tmp_path), "--dry-run",
+                           "--best-learned", "simclr-conditional", "--second-learned", "simclr-dro-per-sample"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.split() for line in proc.stdout.strip().splitlines()]
+    sub = [a[3] for a in lines]
+    n_runs = 16 * 3 + 3 * 2  # 14 settings + DCL and MoCo v2 of the best; seeds 3 and 4 for three of them
+    assert sub.count("pretrain") == n_runs + 12 and sub.count("ood") == 12 + 1  # + the OOD block and its pixels
+    assert sub.count("knn") == sub.count("linear") == n_runs + 2 and sub[-1] == "compare"
+    assert not any(a[0].startswith("#") for a in lines)  # nothing left out, so no note
+    names = [a[-2].split("=", 1)[1] for a in lines if a[3] == "pretrain"]
+    assert len(set(names)) == len(names) and not (tmp_path / "logs").exists()  # printed, not run
+    assert {n.rsplit("-s", 1)[1] for n in names[:16]} == {"0"}
+    dro = subprocess.run([sys.executable, str(SCRIPT), "--preset", "cpu2", "--dry-run", "--best-learned",
+                          "simclr-dro-global"], capture_output=True, text=True, timeout=60)
+    assert dro.returncode == 0 and dro.stdout.startswith("# simclr-dcl-dro-global: not applicable, skipped")
+
+
+# ---- round two's report on fake finished runs ---------------------------------------------------------
+
+def _fake_run(out: Path, label: str, summary: dict, rankme: list) -> None:
+    """What pretraining + knn + linear leave behind, as far as the report reads it."""
+    d = out / label
+    d.mkdir(parents=True)
+    rows = [{"step": 10 * (i + 1), "epoch": float(i + 1), "online_knn/top1_k20_t0.07": 80.0, "online_rankme": v}
+            for i, v in enumerate(rankme)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "summary.json").write_text(json.dumps({"run_name": label, **summary}))
+
+
+# setting: (kNN k=20, linear, RankMe) per seed 0, 1, 2
+FAKE = {
+    "simclr-fixed-0.2": ((84.0, 84.2, 84.4), (85.0, 85.2, 85.4), (40.0, 42.0, 44.0)),
+    "simclr-conditional": ((83.8, 84.2, 84.3), (85.4, 85.5, 85.6), (50.0, 52.0, 54.0)),
+    "simclr-learnable-log": ((84.5, 84.6, 84.7), (84.9, 85.0, 85.1), (30.0, 60.0, 30.0)),  # one high seed, mean 40
+}
+
+
+def test_report_names_the_rankme_pick_its_ranks_and_a_verdict_per_setting(tmp_path, capsys) -> None:
+    for name, (knn, lin, rk) in FAKE.items():
+        for seed in (0, 1, 2):
+            # an earlier, higher RankMe (99) must not count: the final encoder's is the last one logged
+            _fake_run(tmp_path, f"{name}-s{seed}", {K20: knn[seed], K200: knn[seed] - 2, LIN: lin[seed]},
+                      [99.0, rk[seed]] if name == "simclr-fixed-0.2" else [rk[seed]])
+    mod = _module()
+    assert mod.main(["--preset", "cpu2", "--out", str(tmp_path), "--report-only", "--no-baselines", "--no-ood",
+                     "--only", *FAKE, "simclr-adaptive"]) == 0  # adaptive: not started
+    md = (tmp_path / "results.md").read_text()
+    assert ("- RankMe (label-free: the highest mean final online_rankme over seeds, among 3 settings) would pick "
+            "simclr-conditional (RankMe 52.00): rank 3 of 3 by kNN k=20 T=0.07 (84.10; best: simclr-learnable-log "
+            "84.60), rank 1 of 3 by linear probe (85.50)\n") in md
+    assert ("- learned τ modes by mean kNN k=20 T=0.07: simclr-learnable-log 84.60, simclr-conditional 84.10; the "
+            "best two: `--best-learned simclr-learnable-log --second-learned simclr-conditional`\n") in md
+    # Δ kNN: -0.2, 0, -0.1 (sd 0.1, t_2 = 4.303: ± 0.248); Δ linear: +0.4, +0.3, +0.2
+    assert ("- simclr-conditional (seeds 0,1,2; paired on 0,1,2): kNN k=20 T=0.07 84.10 ± 0.26, Δ -0.10 "
+            "[-0.35, +0.15] **no evidence**; linear probe 85.50 ± 0.10, Δ +0.30 [+0.05, +0.55] **better**\n") in md
+    assert ("- simclr-fixed-0.2 (the reference; seeds 0,1,2): kNN k=20 T=0.07 84.20 ± 0.20; linear probe "
+            "85.20 ± 0.20\n") in md
+    assert "- simclr-learnable-log (seeds 0,1,2; paired on 0,1,2): kNN k=20 T=0.07 84.60 ± 0.10, Δ +0.40" in md
+    assert "- simclr-adaptive: no seed evaluated yet\n" in md
+    assert "--best-learned not given" in md and "τ as an out-of-distribution score" not in md
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["rankme"][0].startswith("RankMe (label-free") and res["rows"][0]["online_rankme"] == 40.0
+    assert {a["run"]: a["mean"]["online_rankme"] for a in res["aggregate"]} == {
+        "simclr-fixed-0.2": 42.0, "simclr-conditional": 52.0, "simclr-learnable-log": 40.0, "simclr-adaptive": None}
+
+
+def test_ood_record_reads_the_keys_the_ood_command_writes() -> None:
+    import torch
+
+    from simclr_tau.evaluation.ood import ood_report, train_error_report
+
+    _module()
+    tables = importlib.import_module("study_tables")  # the report's helpers, beside the script
+    g = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(40, 8, generator=g), torch.arange(40) % 2
+    id_feats, ood_feats = torch.randn(10, 8, generator=g), torch.randn(6, 8, generator=g)
+    report = ood_report(feats, labels, id_feats, labels[:10], ood_feats, 2, k=5, tau_id=torch.rand(10, generator=g),
+                        tau_ood=torch.rand(6, generator=g))
+    loo = train_error_report(feats, labels, 2, k=5, tau=torch.rand(40, generator=g))
+    rec = tables.ood_record({**report, "train_leave_one_out": loo})
+    assert all(rec[k] is not None for k, _ in tables.OOD_FIGURES)  # every column found under the name it is written
+    assert rec["auroc_tau"] == report["auroc_tau"] and rec["train_auroc_tau_error"] == loo["auroc_tau_error"]
+
+
+def _fake_ood(path: Path, tau, knn_dist: float, tau_train, reason=None) -> None:
+    path.mkdir(parents=True)
+    (path / "ood.json").write_text(json.dumps({
+        "ood_classes": [8, 9], "ood_class_names": ["Bag", "Ankle boot"], "knn_top1_id": 90.0 + knn_dist,
+        "auroc_knn_distance": knn_dist, "auroc_knn_distance_id_error": knn_dist - 0.2, "auroc_tau": tau,
+        "auroc_tau_id_error": None if tau is None else tau - 0.1, "auroc_tau_reason": reason,
+        "train_leave_one_out": {"auroc_knn_distance_error": 0.7, "auroc_tau_error": tau_train,
+                                "auroc_tau_reason": None if tau_train is not None else reason}}))
+
+
+def test_report_tabulates_the_ood_aurocs_per_setting(tmp_path, capsys) -> None:
+    table_only = "n/a (τ_i exists only for training images)"
+    for seed, (a, d) in enumerate(((0.6, 0.90), (0.7, 0.92), (0.8, 0.94))):
+        _fake_ood(tmp_path / f"ood-simclr-conditional-s{seed}" / "eval", a, d, a)
+        _fake_ood(tmp_path / f"ood-simclr-dro-per-sample-s{seed}" / "eval", None, d, 0.55 + 0.05 * seed, table_only)
+        _fake_ood(tmp_path / f"ood-simclr-fixed-0.2-s{seed}" / "eval", None, d, None,
+                  "temperature.mode=fixed: no per-sample τ")
+    _fake_ood(tmp_path / "ood-simclr-conditional-dro-s1" / "eval", 0.3, 0.9, 0.4)  # one seed so far
+    _fake_ood(tmp_path / "baselines" / "pixels-ood", None, 0.85, None, "no temperature head (pixels / random init)")
+    mod = _module()
+    assert mod.main(["--preset", "cpu2", "--out", str(tmp_path), "--report-only", "--only"]) == 0
+    md = (tmp_path / "results.md").read_text()
+    assert ("Held out as out-of-distribution: classes [8, 9] (Bag, Ankle boot); score: larger = more OOD / "
+            "uncertain; mean ± std over seeds.") in md
+    rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ")}
+    # columns: AUROC τ / kNN dist for OOD, τ / kNN dist for ID kNN errors, τ / kNN dist for train errors, top-1
+    assert rows["simclr-conditional"] == (
+        "| simclr-conditional | 0,1,2 | 0.700 ± 0.100 | 0.920 ± 0.020 | 0.600 ± 0.100 | 0.720 ± 0.020 | "
+        "0.700 ± 0.100 | 0.700 ± 0.000 | 90.92 ± 0.02 |")
+    assert rows["simclr-dro-per-sample"] == (
+        "| simclr-dro-per-sample | 0,1,2 | n/a | 0.920 ± 0.020 | n/a | 0.720 ± 0.020 | 0.600 ± 0.050 | "
+        "0.700 ± 0.000 | 90.92 ± 0.02 |")
+    assert rows["simclr-fixed-0.2"].startswith(
+        "| simclr-fixed-0.2 | 0,1,2 | n/a | 0.920 ± 0.020 | n/a | 0.720 ± 0.020 | n/a |")
+    assert rows["simclr-conditional-dro"].startswith("| simclr-conditional-dro | 1 | 0.300 | 0.900 | 0.200 | 0.700 |")
+    assert rows["*raw pixels*"] == "| *raw pixels* | – |  | 0.850 |  | 0.650 |  | 0.700 | 90.85 |"
+    assert f"- simclr-dro-per-sample, why τ is missing: {table_only}" in md
+    assert "- simclr-fixed-0.2, why τ is missing: temperature.mode=fixed: no per-sample τ" in md
+    ood = json.loads((tmp_path / "results.json").read_text())["ood"]
+    assert [a["run"] for a in ood["aggregate"]] == [
+        "simclr-conditional", "simclr-conditional-dro", "simclr-dro-per-sample", "simclr-fixed-0.2"]

@@ -55,8 +55,10 @@ def _number(v: Any) -> Optional[float]:
 
 
 def is_metric(key: str) -> bool:
-    """Metric keys are namespaced (train/loss, knn/top1_k20_t0.07, ...); step, epochs, images are not."""
-    return "/" in key and not key.startswith("_")
+    """Metric keys are namespaced (train/loss, knn/top1_k20_t0.07, ...) or come from the online evaluation,
+    which logs its results under ``online_`` (online_knn/..., and ``online_rankme``, which has no ``/``);
+    step, epochs, images are not metrics."""
+    return ("/" in key or key.startswith("online_")) and not key.startswith("_")
 
 
 def final_metrics(history: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> Dict[str, float]:

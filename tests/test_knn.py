@@ -194,6 +194,7 @@ def test_distributed_extraction_matches_single_process(tmp_path):
         assert f.shape == ref.shape and torch.equal(y, ds.labels), (f.shape, y)
         assert torch.allclose(f, ref, atol=1e-6)
         open(sys.argv[1] + f"/rank{acc.process_index}.ok", "w").close()
+        torch.distributed.destroy_process_group()  # a group left to the interpreter's exit can abort ("terminate called")
     """))
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),

@@ -233,8 +233,8 @@ def test_speed_options_change_nothing_but_speed(tmp_path: Path) -> None:
     assert cl_w.keys() == ref_w.keys()
     _, init_w = go("init", "train.channels_last=false", "optim.lr=1e-20", steps=1)  # ~ the weights before the step
     for k, v in ref_w.items():
-        if "running_" in k or "num_batches" in k:
-            continue
+        if "running_" in k or "num_batches" in k or not v.is_floating_point():
+            continue  # (not floating: the export's not-a-timm-architecture marker of the small stem)
         # the step's update per tensor, in norm (BN biases are sums of ~1e3 nearly cancelling terms: 1 % wobble
         # from the summation order of NHWC kernels; a wrong layout would be off by O(1))
         upd_ref, upd_cl = v - init_w[k], cl_w[k] - init_w[k]

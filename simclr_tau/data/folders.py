@@ -140,7 +140,7 @@ def decode_all(folder: FolderImageDataset, size: int, progress: bool = True) -> 
     if progress and n >= 2000:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, desc=f"decoding {n} images into the folder cache", unit="img", mininterval=2.0)
+        bar = tqdm(total=n, desc=f"decoding {n} images into the folder cache", unit="img", mininterval=2.0, disable=None)
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
         for _ in pool.map(one, range(n), chunksize=64):
             if bar is not None:

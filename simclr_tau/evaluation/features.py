@@ -119,7 +119,9 @@ def extract_features(
     encoder.eval()
     feats, labels = [], []
     try:
-        for x, y in tqdm(loader, desc=desc, disable=not (progress and is_main), leave=False, dynamic_ncols=True):
+        # disable=None: a bar on a terminal only, no carriage-return frames in a log file
+        bar = tqdm(loader, desc=desc, disable=None if (progress and is_main) else True, leave=False, dynamic_ncols=True)
+        for x, y in bar:
             x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device)
             f = encoder(x).float()  # B x F
             if f.ndim != 2:

@@ -291,7 +291,7 @@ def linear_probe_augmented(
         def epoch_batches(epoch: int):
             g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
             loader = DataLoader(views, batch_size=bs, shuffle=True, generator=g, num_workers=num_workers)
-            for xb, yb in tqdm(loader, desc=f"{desc} epoch {epoch + 1}", disable=not progress, leave=False):
+            for xb, yb in tqdm(loader, desc=f"{desc} epoch {epoch + 1}", disable=None if progress else True, leave=False):
                 with torch.no_grad():
                     f = encoder(xb.to(device)).float()  # frozen: features of this epoch's views
                 yield (f - mean.to(device)) / std.to(device), torch.as_tensor(yb).to(device)

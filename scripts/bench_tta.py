@@ -161,12 +161,20 @@ def plot(out: Path, pixels: Optional[float]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import math
+
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    for res in results:
+    ncol = min(4, len(results) + 1)
+    rows = math.ceil((len(results) + 1) / ncol)
+    legend_in = 0.17 * rows + 0.35  # the legend below the axes gets its own inches: the figure grows with it
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4 + legend_in), sharey=True)
+    colors = plt.get_cmap("tab20" if len(results) > 10 else "tab10").colors
+    for i, res in enumerate(results):
         c = res["curve"]
-        axes[0].plot([p["epoch"] for p in c], [p["knn"] for p in c], marker="o", ms=3, label=res["label"])
-        axes[1].plot([p["seconds"] / 60 for p in c], [p["knn"] for p in c], marker="o", ms=3, label=res["label"])
+        style = dict(marker="o", ms=3, color=colors[i % len(colors)], ls="-" if i < len(colors) else "--",
+                     label=res["label"])
+        axes[0].plot([p["epoch"] for p in c], [p["knn"] for p in c], **style)
+        axes[1].plot([p["seconds"] / 60 for p in c], [p["knn"] for p in c], **style)
     pix = pixels if pixels is not None else next((r["pixels"] for r in results), None)
     for ax, xl in zip(axes, ("epochs", "training minutes (evaluation excluded)")):
         if pix is not None:
@@ -178,8 +186,8 @@ def plot(out: Path, pixels: Optional[float]) -> Path:
     data = next((r.get("dataset", "") for r in results), "")
     fig.suptitle(f"{data} time to accuracy — {machine}", fontsize=10)
     handles, labels = axes[1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, legend_in / (4.4 + legend_in), 1, 0.95))
     path = out / "tta.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)

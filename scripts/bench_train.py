@@ -112,6 +112,7 @@ def main() -> None:
     args = p.parse_args()
     tmp = tempfile.TemporaryDirectory()
     folder: list[str] = []
+    folder_overrides: list[str] = []
     if args.imagefolder:
         import time
 
@@ -124,6 +125,7 @@ def main() -> None:
         t0 = time.perf_counter()
         load_folder(tree, load_config(args.config, [*args.overrides, *folder]).data)
         print(f"imagefolder: {args.imagefolder} PNGs, first load (decode into the cache) {time.perf_counter() - t0:.1f} s")
+        folder_overrides = [*args.overrides, *folder]  # the tree holds the N images: no data.subset
         args.overrides = [*args.overrides, f"data.subset={args.imagefolder}"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     print(f"config {args.config} {' '.join(args.overrides)} | {device} | torch {torch.__version__} | "
@@ -136,7 +138,7 @@ def main() -> None:
             if not folder:
                 p.error(f"pipeline {pl} needs --imagefolder N")
             results[pl] = measure(args.config, "auto" if pl == "folder" else "dataloader", args.steps, args.log_every,
-                                  [*args.overrides[:-1], *folder])
+                                  folder_overrides)
         else:
             results[pl] = measure(args.config, pl, args.steps, args.log_every, args.overrides)
         print(f"{pl:>12}: {results[pl]:8.1f} images/s (two views each) = {50000 / results[pl]:7.1f} s per 50k-image epoch",

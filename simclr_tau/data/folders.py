@@ -171,9 +171,7 @@ def load_folder(root: Path, cfg: Any, progress: bool = True) -> ImageDataset:
             atomic_write(path, lambda tmp: torch.save({"images": images}, tmp))
         except OSError as e:
             print(f"folder cache: could not write {path} ({e.strerror or e}); continuing without it", flush=True)
-    ds = TensorImageDataset(images, folder.labels, folder.classes)
-    ds.image_size = size
-    return ds
+    return TensorImageDataset(images, folder.labels, folder.classes)  # its image_size: S, from the tensor
 
 
 def _read(path: Path, n: int, channels: int, size: int) -> Optional[Tensor]:

@@ -179,3 +179,22 @@ def test_lbfgs_heads_match_sklearn_on_nearly_separable_features(c, d, spread):
         ref = LogisticRegression(C=1.0 / (len(y) * wd), tol=1e-10, max_iter=100_000).fit(x.double().numpy(), y.numpy())
         p_ref = torch.from_numpy(ref.predict_proba(xt.double().numpy()))
         assert (torch.softmax(xt @ W + b, 1).double() - p_ref).abs().max() < 1e-3, wd
+
+
+def test_lbfgs_hand_written_gradient_equals_autograd():
+    """The L-BFGS closure's loss and gradient (written by hand for speed) equal autograd's on the same objective."""
+    from simclr_tau.evaluation.probe_solvers import ce_l2_loss_and_grad
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(97, 13, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 6, (97,), generator=g)
+    W = torch.randn(13, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    wd = 0.037
+    ref = torch.nn.functional.cross_entropy(x @ W + b, y) + 0.5 * wd * W.pow(2).sum()
+    ref.backward()
+    onehot = torch.nn.functional.one_hot(y, 6).double()
+    loss, gW, gb = ce_l2_loss_and_grad(x, x.t().contiguous(), onehot, W.detach(), b.detach(), wd)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(gW, W.grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(gb, b.grad, rtol=1e-10, atol=1e-14)

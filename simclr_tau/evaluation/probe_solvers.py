@@ -82,6 +82,17 @@ def train_heads_minibatch(
     return W.detach(), b.detach()
 
 
+@torch.no_grad()
+def ce_l2_loss_and_grad(x: Tensor, xT: Tensor, onehot: Tensor, W: Tensor, b: Tensor, wd: float
+                        ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Loss mean CE(x W + b, y) + wd/2 ||W||² and its gradient, by hand:
+    G = (softmax(x W + b) − onehot(y)) / N, dW = xᵀ G + wd W, db = Σ_n G_n (``xT``: x.t() made contiguous)."""
+    logp = torch.log_softmax(torch.addmm(b, x, W), dim=1)
+    loss = -(logp * onehot).sum() / len(x) + 0.5 * wd * W.pow(2).sum()
+    G = logp.exp_().sub_(onehot).div_(len(x))
+    return loss, torch.addmm(W, xT, G, beta=wd), G.sum(0)
+
+
 def train_heads_lbfgs(x: Tensor, y: Tensor, num_classes: int, wds: Sequence[float], iters: int,
                       grad_tol: float = 1e-4) -> List[Tuple[Tensor, Tensor]]:
     """Full-batch L-BFGS on mean CE(x W + b, y) + wd/2 ||W||² (standardized features x), one solve per wd.
@@ -95,6 +106,13 @@ def train_heads_lbfgs(x: Tensor, y: Tensor, num_classes: int, wds: Sequence[floa
     Returns [(W_g (F, C), b_g (C))] in x's dtype.
     """
     x64, heads = x.double(), []
+    # The gradient is written by hand instead of taken by autograd: autograd's grad_W = x64.T @ G reads the
+    # transposed (N, F) matrix column by column; with a contiguous copy of x64.T the same product is 5x faster
+    # (issue 17: 54k x 256 features, one thread, two other jobs running: 24 vs 132 ms; one evaluation 3x faster; a
+    # whole default probe 244 vs 486 s). Same float64 math; only the rounding order of the sums differs, which moves
+    # heads stopped by the iteration cap by a few hundredths of a point (converged heads: identical accuracies).
+    xT = x64.t().contiguous()
+    onehot = F.one_hot(y.long(), num_classes).to(torch.float64)
     for wd in wds:
         W = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, device=x.device, requires_grad=True)
         b = torch.zeros(num_classes, dtype=torch.float64, device=x.device, requires_grad=True)
@@ -102,10 +120,8 @@ def train_heads_lbfgs(x: Tensor, y: Tensor, num_classes: int, wds: Sequence[floa
                                 tolerance_grad=max(grad_tol * wd, 1e-9), tolerance_change=1e-14,
                                 line_search_fn="strong_wolfe")
 
-        def closure() -> Tensor:
-            opt.zero_grad()
-            loss = F.cross_entropy(x64 @ W + b, y) + 0.5 * wd * W.pow(2).sum()
-            loss.backward()
+        def closure(W: Tensor = W, b: Tensor = b, wd: float = wd) -> Tensor:
+            loss, W.grad, b.grad = ce_l2_loss_and_grad(x64, xT, onehot, W, b, wd)
             return loss
 
         opt.step(closure)

@@ -9,7 +9,10 @@ views each) and the ratio:
   SimCLR implementations);
 - ``lightly``: lightly's own SimCLR (``SimCLRTransform`` on PIL images in DataLoader workers,
   ``SimCLRProjectionHead``, ``NTXentLoss``) with the same timm backbone, batch, τ, optimizer and
-  augmentation parameters, in a plain PyTorch loop (needs ``pip install lightly``).
+  augmentation parameters, in a plain PyTorch loop (needs ``pip install lightly``), as its users run it;
+- ``no-augment``: ``batched`` with ``augment.enabled=false`` (identity views): the rest of the step alone
+  (normalization, network forward + backward, loss, optimizer), i.e. the ceiling that a faster data path
+  could reach with this network; the share of the step spent on augmentation is printed from it.
 
 The first log interval (warm-up: allocator, thread pools, workers) is excluded.
 
@@ -33,10 +36,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -99,13 +104,32 @@ def measure_lightly(config: str, steps: int, log_every: int, overrides: list[str
     return float(np.mean(rates[1:]))
 
 
+PIPELINES = ("batched", "dataloader", "lightly", "no-augment", "folder", "folder-dataloader")
+
+
+def measure_pipeline(pl: str, config: str, steps: int, log_every: int, overrides: list[str],
+                     folder_overrides: list[str]) -> float:
+    """images/s of pipeline ``pl`` (see the module docstring)."""
+    if os.name == "posix":  # DataLoader workers forked as in a plain run (a spawned worker inherits "spawn")
+        multiprocessing.set_start_method("fork", force=True)
+    if pl == "lightly":
+        return measure_lightly(config, steps, log_every, overrides)
+    if pl in ("folder", "folder-dataloader"):
+        return measure(config, "auto" if pl == "folder" else "dataloader", steps, log_every, folder_overrides)
+    if pl == "no-augment":
+        return measure(config, "batched", steps, log_every, [*overrides, "augment.enabled=false"])
+    return measure(config, pl, steps, log_every, overrides)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/fmnist_simclr_cpu.yaml")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--pipelines", type=lambda s: s.split(","), default=["batched", "dataloader", "lightly"],
-                   help="comma-separated: batched,dataloader,lightly")
+                   help="comma-separated, from: " + ",".join(PIPELINES))
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure every pipeline this many times, interleaved; report the medians")
     p.add_argument("--imagefolder", type=int, default=None, metavar="N",
                    help="also measure an ImageFolder tree of the first N images (pipelines folder, folder-dataloader)")
     p.add_argument("overrides", nargs="*")
@@ -130,22 +154,38 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     print(f"config {args.config} {' '.join(args.overrides)} | {device} | torch {torch.__version__} | "
           f"{torch.get_num_threads()} threads")
-    results = {}
-    for pl in args.pipelines:
-        if pl == "lightly":
-            results[pl] = measure_lightly(args.config, args.steps, args.log_every, args.overrides)
-        elif pl in ("folder", "folder-dataloader"):
-            if not folder:
-                p.error(f"pipeline {pl} needs --imagefolder N")
-            results[pl] = measure(args.config, "auto" if pl == "folder" else "dataloader", args.steps, args.log_every,
-                                  folder_overrides)
-        else:
-            results[pl] = measure(args.config, pl, args.steps, args.log_every, args.overrides)
-        print(f"{pl:>12}: {results[pl]:8.1f} images/s (two views each) = {50000 / results[pl]:7.1f} s per 50k-image epoch",
-              flush=True)
+    unknown = [pl for pl in args.pipelines if pl not in PIPELINES]
+    if unknown:
+        p.error(f"unknown pipeline(s) {', '.join(unknown)}; accepted: {', '.join(PIPELINES)}")
+    if not folder and any(pl.startswith("folder") for pl in args.pipelines):
+        p.error("pipelines folder, folder-dataloader need --imagefolder N")
+    # each measurement in a fresh interpreter, as a user's run: process-wide state (the thread pool, the
+    # allocator, torch flags) never leaks from one pipeline into the next, and a pipeline's place in the order
+    # does not change its figure (an in-process A/B measured a 17 % "gain" of torch.set_flush_denormal that
+    # vanished with a fresh process per measurement: 1333 vs 1243 images/s, 4 interleaved rounds each)
+    # (a ProcessPoolExecutor, not a multiprocessing.Pool: its workers are not daemons, so DataLoader workers can start)
+    ctx = multiprocessing.get_context("spawn")
+    rates: dict[str, list[float]] = {pl: [] for pl in args.pipelines}
+    for rep in range(args.repeats):
+        for pl in args.pipelines:
+            with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                rate = pool.submit(measure_pipeline, pl, args.config, args.steps, args.log_every, args.overrides,
+                                   folder_overrides).result()
+            rates[pl].append(rate)
+            print(f"{pl:>12}: {rate:8.1f} images/s (two views each) = {50000 / rate:7.1f} s per 50k-image epoch"
+                  + (f"  [round {rep + 1}/{args.repeats}]" if args.repeats > 1 else ""), flush=True)
+    results = {pl: float(np.median(v)) for pl, v in rates.items()}
+    if args.repeats > 1:
+        print("medians over the rounds: " + ", ".join(f"{pl} {v:.0f}" for pl, v in results.items()))
     for other in ("dataloader", "lightly", "folder", "folder-dataloader"):
         if "batched" in results and other in results:
             print(f"ratio simclr_tau (batched) / {other}: {results['batched'] / results[other]:.2f}x")
+    if "batched" in results and "no-augment" in results:
+        share = 1.0 - results["batched"] / results["no-augment"]
+        print(f"augmentation share of the batched step: {100 * share:.0f}% (no-augment {results['no-augment']:.0f} images/s "
+              "is the ceiling of this network, loss and optimizer)")
+        if "lightly" in results:
+            print(f"ratio no-augment ceiling / lightly: {results['no-augment'] / results['lightly']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """scripts/study_plots.py: the τ study's figures, one line or band per setting. The data preparation against
 hand-computed references on small synthetic run records; the drawing by what lands on the axes (the figure
-is caught before it is saved) and by the PNG it writes."""
+is caught before it is saved) and by the PNG it writes; the hook in the study's report."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from matplotlib.collections import LineCollection
 
 from simclr_tau.config import flatten, load_config
 from simclr_tau.records.run_data import RunData
-from test_reproduce import K20, LIN, _module
+from test_reproduce import FAKE, K20, LIN, _fake_run, _module
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -247,3 +248,19 @@ def test_write_study_plots_writes_the_three_figures_or_says_why_not(tmp_path) ->
     assert written == [] and [n.split(":")[0] for n in notes] == ["kNN vs epoch", "τ vs step", "paired differences"]
     assert all("skipped (" in n for n in notes) and not list((tmp_path / "q").iterdir())
 
+
+def test_the_study_report_writes_the_plots_and_lists_them(tmp_path) -> None:
+    for name, (knn, lin, _) in FAKE.items():
+        for seed in (0, 1, 2):
+            _fake_run(tmp_path, f"{name}-s{seed}", {K20: knn[seed], LIN: lin[seed]}, [50.0])
+    _fake_run(tmp_path, "simclr-adaptive-s0", {}, [50.0])  # pretrained, not evaluated: not in the figures
+    mod = _module()
+    assert mod.main(["--preset", "cpu2", "--out", str(tmp_path), "--report-only", "--no-baselines", "--no-ood",
+                     "--only", *FAKE, "simclr-adaptive"]) == 0
+    md = (tmp_path / "results.md").read_text()
+    assert ("Plots, one line per setting: `plots/knn_vs_epoch.png`, `plots/paired_differences.png`; one line per "
+            "run: `compare/`") in md
+    assert "- τ vs step: skipped (no setting's τ moves (all fixed, or no τ logged))" in md  # the fakes log no τ
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["plots"] == ["plots/knn_vs_epoch.png", "plots/paired_differences.png"]
+    assert all(_png(tmp_path / p) for p in res["plots"])

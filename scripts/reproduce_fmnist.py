@@ -48,7 +48,9 @@ holds paired comparisons.
 The script is restartable: a finished step (encoder exported, knn.json, linear.json) is skipped, and an
 interrupted pretraining resumes from its last checkpoint. Outputs under ``--out`` (default runs/fmnist-study,
 cpu2: runs/fmnist-study2): ``<run>-s<seed>/`` run directories, ``logs/`` (with ``timings.jsonl``: the seconds
-of every step), ``baselines/``, ``compare/`` (plots, report.html), ``results.md`` and ``results.json``.
+of every step), ``baselines/``, ``compare/`` (plots, report.html), ``plots/`` (one line or band per setting:
+kNN vs epoch over the seeds, τ vs step, the paired differences; scripts/study_plots.py), ``results.md`` and
+``results.json``.
 results.md: the table, the verdict per mode against fixed 0.2 (paired 95 % t-intervals), the setting RankMe
 would have picked and where it ranks, the learned modes ranked (for ``--best-learned``), τ statistics, and
 the OOD table.
@@ -75,6 +77,7 @@ sys.path.insert(0, str(REPO))  # this checkout, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # study_tables, tau_sweep (also when loaded by path)
 
 from simclr_tau.records.run_data import final_tau, load_run_dir  # noqa: E402
+from study_plots import load_study_runs, write_study_plots  # noqa: E402
 from study_tables import (FIGURES, LINEAR, RANKME, REFERENCE, TAU_STATS, aggregate, knn_columns,  # noqa: E402
                           learned_ranking_line, markdown_table, mode_verdicts, ood_aggregate, ood_record, ood_table,
                           paired_differences, paired_table, primary_knn, rankme_line, tau_table, verdict)
@@ -465,6 +468,10 @@ def write_results(args: argparse.Namespace, study: Plan, wall_s: float, wall_wha
     ood_rows = [ood_row(j) for j in study.ood_jobs]
     ood_agg = ood_aggregate(ood_rows)
     pix_ood = pixel_ood_row(args)
+    out = Path(args.out)
+    plots, plot_notes = write_study_plots(  # the evaluated seeds, as in the tables
+        load_study_runs((j.name, j.seed, j.run_dir) for j, r in zip(jobs, rows) if knn_columns([r])), diffs,
+        main_keys, out / "plots", next((b for b in base if b["run"] == "raw pixels"), None))
     cmd = shlex.join([Path(sys.executable).name, *sys.argv])
     md = "\n".join([
         f"# Fashion-MNIST τ study ({args.preset} preset)", "",
@@ -480,14 +487,16 @@ def write_results(args: argparse.Namespace, study: Plan, wall_s: float, wall_wha
         *(["τ statistics at the end of training (mean over seeds):", "", tau_table(agg), ""] if tau_table(agg) else []),
         *(["## τ as an out-of-distribution score (`simclr-tau ood`)", "", ood_table(ood_agg, ood_rows, pix_ood), ""]
           if study.ood_jobs else []),
-        "Plots: `compare/` (kNN vs epoch, loss and τ vs step, final metrics), `compare/report.html`.", ""])
-    out = Path(args.out)
+        "Plots, one line per setting: " + (", ".join(f"`{p.relative_to(out)}`" for p in plots) or "none") + "; one "
+        "line per run: `compare/` (kNN vs epoch, loss and τ vs step, final metrics), `compare/report.html`.",
+        *[f"- {n}" for n in plot_notes], ""])
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"rows": rows, "aggregate": agg, "baselines": base, "verdict": notes,
                                                   "paired": diffs, "verdict_per_setting": verdicts,
                                                   "rankme": selection, "learned_ranking": ranking,
                                                   "ood": {"rows": ood_rows, "aggregate": ood_agg, "pixels": pix_ood},
                                                   "plan_notes": study.notes,
+                                                  "plots": [str(p.relative_to(out)) for p in plots],
                                                   "machine": machine(), "wall_s": wall_s, "command": cmd}, indent=2))
     return md
 

@@ -41,7 +41,7 @@ def tiny_moco(version: str = "v2", temperature=None, bn: bool = True, seed: int 
     kw.setdefault("queue_size", 16)
     kw.setdefault("total_steps", 10)
     return MoCo(
-        tiny_encoder(bn), mlp(4, 8, D, 2, last_bn=version == "v3", bn=bn), temperature or FixedTemperature(0.2),
+        tiny_encoder(bn), mlp(4, 8, D, 2, "plain" if version == "v3" else "none", bn=bn), temperature or FixedTemperature(0.2),
         version=version, predictor=predictor, **kw,
     )  # fmt: skip
 

@@ -161,6 +161,7 @@ ROWS: Dict[str, Row] = {
     "model.proj_dim": num(),
     "model.proj_layers": num(),
     "model.proj_bn": switch(),
+    "model.proj_out_bn": choice(),
     "model.sync_bn": switch(),
     # ---- optim ----
     "optim.name": choice(),

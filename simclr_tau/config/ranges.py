@@ -126,6 +126,7 @@ WIDTH = Range(ge=1, le=65536)  # a layer width: past 65536 a typo's memory would
 SEED = Range(ge=0, le=2**32 - 1)  # numpy's seed range (accelerate seeds numpy too)
 
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "exponential", "step", "plateau")
+OUT_BN_CHOICES = ("auto", "none", "plain", "affine")  # model.proj_out_bn
 TEMPERATURE_MODES = ("fixed", "learnable", "conditional", "scheduled", "dro", "adaptive")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic", "mixture")
 
@@ -179,6 +180,7 @@ RULES: Dict[type, Dict[str, Rule]] = {
         "backbone_kwargs": Free("architecture arguments: checked when the model is built (check_backbone_kwargs)"),
         "small_stem": SWITCH, "stem_pool": SWITCH, "proj_hidden_dim": WIDTH, "proj_dim": WIDTH,
         "proj_layers": Range(ge=1, le=16), "proj_bn": SWITCH, "sync_bn": SWITCH,
+        "proj_out_bn": OneOf(OUT_BN_CHOICES),
     },
     OptimConfig: {
         "name": OneOf(("sgd", "adamw", "lars")),

@@ -136,6 +136,7 @@ class ModelConfig:
     proj_dim: int = 128
     proj_layers: int = 2  # linear layers in the projection MLP (BN + ReLU between)
     proj_bn: bool = True  # BatchNorm in the projection MLP (False: a BN-free model, e.g. for exact multi-process checks on CPU)
+    proj_out_bn: str = "auto"  # BatchNorm on the projection's output: none | plain (no scale/shift, MoCo v3) | affine (lightly's SimCLR head); auto: plain for MoCo v3, none otherwise
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from simclr_tau.methods.simclr import SimCLR
-from simclr_tau.models import build_encoder, mlp
+from simclr_tau.models import build_encoder, mlp, out_bn_for
 from simclr_tau.temperature import build_temperature
 
 __all__ = ["SimCLR", "build_method"]
@@ -23,6 +23,6 @@ def build_method(cfg: Any, in_chans: int, steps_per_epoch: int, total_steps: int
         return build_moco(cfg, in_chans, steps_per_epoch, total_steps, num_samples)
     encoder, feat_dim = build_encoder(cfg.model, in_chans)
     m = cfg.model
-    projector = mlp(feat_dim, m.proj_hidden_dim, m.proj_dim, m.proj_layers, bn=m.proj_bn)
+    projector = mlp(feat_dim, m.proj_hidden_dim, m.proj_dim, m.proj_layers, out_bn_for(m, cfg.train.method), bn=m.proj_bn)
     temperature = build_temperature(cfg.temperature, m.proj_dim, steps_per_epoch, total_steps, num_samples=num_samples)
     return SimCLR(encoder, projector, temperature, decoupled=bool(cfg.get("loss", {}).get("decoupled", False)))

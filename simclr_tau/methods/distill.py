@@ -199,13 +199,13 @@ class LogitKD(nn.Module):
 def build_distill_method(cfg: Any, teacher: FrozenTeacher, in_chans: int, steps_per_epoch: int,
                          total_steps: int) -> nn.Module:
     """The method ``cfg.train.method`` (``seed`` | ``kd``) of a :class:`~simclr_tau.config.DistillConfig`."""
-    from simclr_tau.models import build_encoder, mlp
+    from simclr_tau.models import build_encoder, mlp, out_bn_for
     from simclr_tau.temperature import build_temperature
 
     encoder, feat_dim = build_encoder(cfg.model, in_chans)
     m, d = cfg.model, cfg.distill
     if cfg.train.method == "seed":
-        projector = mlp(feat_dim, m.proj_hidden_dim, teacher.out_dim, m.proj_layers, bn=m.proj_bn)
+        projector = mlp(feat_dim, m.proj_hidden_dim, teacher.out_dim, m.proj_layers, out_bn_for(m, "seed"), bn=m.proj_bn)
         tau_s = build_temperature(cfg.temperature, teacher.out_dim, steps_per_epoch, total_steps, "temperature")
         tau_t = build_temperature(cfg.teacher_temperature, teacher.out_dim, steps_per_epoch, total_steps,
                                   "teacher_temperature")

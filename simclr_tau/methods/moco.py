@@ -37,7 +37,7 @@ from simclr_tau.losses import info_nce, info_nce_in_batch
 from simclr_tau.losses.dro import moco_margins
 from simclr_tau.losses.nt_xent import upcast
 from simclr_tau.methods.simclr import positive_alignment
-from simclr_tau.models import build_encoder, mlp
+from simclr_tau.models import build_encoder, mlp, out_bn_for
 from simclr_tau.temperature import Temperature, build_temperature, robust_loss
 
 VERSIONS = ("v2", "v3")
@@ -267,8 +267,8 @@ def build_moco(cfg: Any, in_chans: int, steps_per_epoch: int, total_steps: int, 
         raise UserError(f"moco.momentum={mc.momentum} must lie in [0, 1]")
     version = "v2" if cfg.train.method == "mocov2" else "v3"
     encoder, feat_dim = build_encoder(m, in_chans)
-    # MoCo v3 ends its projector (and not its predictor) with a BN without affine parameters.
-    projector = mlp(feat_dim, m.proj_hidden_dim, m.proj_dim, m.proj_layers, last_bn=version == "v3", bn=m.proj_bn)
+    # MoCo v3 ends its projector (and not its predictor) with a BN without affine parameters (proj_out_bn=auto).
+    projector = mlp(feat_dim, m.proj_hidden_dim, m.proj_dim, m.proj_layers, out_bn_for(m, cfg.train.method), bn=m.proj_bn)
     predictor = mlp(m.proj_dim, mc.pred_hidden_dim, m.proj_dim, 2, bn=m.proj_bn) if version == "v3" else None
     temperature = build_temperature(cfg.temperature, m.proj_dim, steps_per_epoch, total_steps, num_samples=num_samples)
     return MoCo(

@@ -1,4 +1,4 @@
 from simclr_tau.models.encoder import build_encoder, encoder_state_dict, load_encoder_weights
-from simclr_tau.models.heads import mlp
+from simclr_tau.models.heads import mlp, out_bn_for
 
-__all__ = ["build_encoder", "encoder_state_dict", "load_encoder_weights", "mlp"]
+__all__ = ["build_encoder", "encoder_state_dict", "load_encoder_weights", "mlp", "out_bn_for"]

@@ -31,7 +31,8 @@ from study_tables import LINEAR, REFERENCE, primary_knn
 
 # the families of settings, in panel order
 FIXED, SCALAR, PER_SAMPLE, SCHEDULED, OTHER = ("fixed τ", "learned scalar τ", "per-sample τ",
-                                               "scheduled / adaptive τ", "other methods (DCL, MoCo v2)")
+                                               "scheduled / adaptive τ",
+                                               "other methods / heads (DCL, MoCo v2, output BN)")
 GROUPS = (FIXED, SCALAR, PER_SAMPLE, SCHEDULED, OTHER)
 REFERENCE_COLOR = "black"
 SPREADS = {"minmax": "min–max over seeds", "std": "±1 sample std over seeds"}
@@ -39,11 +40,12 @@ Runs = Mapping[str, Mapping[int, RunData]]  # setting -> seed -> its run
 
 
 def setting_group(config: Mapping[str, Any]) -> str:
-    """The family of a setting, from its run's flattened config: another method or loss (MoCo, DCL) first,
-    then by where τ comes from (a per-sample τ: conditional, or dro with ``per_sample``); a config without a
+    """The family of a setting, from its run's flattened config: another method, loss or projection head
+    (MoCo, DCL, an output BatchNorm) first, then by where τ comes from (a per-sample τ: conditional, or dro with ``per_sample``); a config without a
     known τ mode counts as another method."""
     mode = config.get("temperature.mode")
-    if config.get("train.method", "simclr") != "simclr" or config.get("loss.decoupled"):
+    if (config.get("train.method", "simclr") != "simclr" or config.get("loss.decoupled")
+            or config.get("model.proj_out_bn", "auto") not in ("auto", "none")):
         return OTHER
     if mode == "fixed":
         return FIXED

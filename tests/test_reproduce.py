@@ -213,6 +213,7 @@ ROUND2 = {  # setting: (method, mode, init, parametrization, tau_min, tau_max, d
     "simclr-cosine": ("simclr", "scheduled", None, None, None, None, None, ("cosine", 0.5, 0.1), False),
     "simclr-dcl-fixed-0.2": ("simclr", "fixed", 0.2, None, None, None, None, None, True),
     "mocov2-fixed-0.2": ("mocov2", "fixed", 0.2, None, None, None, None, None, False),
+    "simclr-fixed-0.2-outbn": ("simclr", "fixed", 0.2, None, None, None, None, None, False),  # + the output BN
 }
 
 
@@ -233,6 +234,7 @@ def test_cpu2_plans_round_two_on_the_new_network_with_five_seeds_for_fixed_0_2(t
         assert (m.backbone, m.backbone_kwargs["channels"], m.small_stem, m.stem_pool) == (
             "resnet10t", [32, 64, 128, 256], False, False)
         assert cfg.train.epochs == 6 and cfg.eval.online_knn_every == 1 and cfg.data.classes is None
+        assert m.proj_out_bn == ("affine" if job.name == "simclr-fixed-0.2-outbn" else "auto"), job.name
     # started seed by seed: every setting's seed 0 before any seed 1
     assert [j.seed for j in mod.schedule(study.jobs)][:len(ROUND2)] == [0] * len(ROUND2)
 
@@ -311,7 +313,7 @@ def test_cpu2_dry_run_prints_every_command(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     lines = [line.split() for line in proc.stdout.strip().splitlines()]
     sub = [a[3] for a in lines]
-    n_runs = 16 * 3 + 3 * 2  # 14 settings + DCL and MoCo v2 of the best; seeds 3 and 4 for three of them
+    n_runs = 17 * 3 + 3 * 2  # 15 settings + DCL and MoCo v2 of the best; seeds 3 and 4 for three of them
     assert sub.count("pretrain") == n_runs + 12 and sub.count("ood") == 12 + 1  # + the OOD block and its pixels
     assert sub.count("knn") == sub.count("linear") == n_runs + 2 and sub[-1] == "compare"
     assert not any(a[0].startswith("#") for a in lines)  # nothing left out, so no note

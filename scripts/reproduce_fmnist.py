@@ -408,9 +408,25 @@ def run_row(job: Job, seconds: Dict[Tuple[str, str], float]) -> Dict[str, Any]:
     for k in TAU_STATS:  # a dro τ's state: quantiles of all τ_i, the fraction of them at a bound
         if f"train/{k}" in r.final:
             row[k] = r.final[f"train/{k}"]
-    pre = seconds.get((job.label, "pretrain"))
-    row["pretrain_min"] = None if pre is None else pre / 60
+    row["train_min"] = train_minutes(r)
+    pre = seconds.get((job.label, "pretrain"))  # wall time of the last invocation only (a resumed run: its last piece)
+    row["pretrain_wall_min"] = None if pre is None else pre / 60
     return row
+
+
+def train_minutes(r: Any) -> Optional[float]:
+    """Training minutes of a run from its own log, over every piece of a resumed run: Σ over the logged rows of
+    (steps since the previous row) × batch / images/s; online evaluation and start-up are not in it."""
+    batch = (r.config or {}).get("train.batch_size")
+    rows = [(h["step"], h["train/images_per_s"]) for h in r.history
+            if isinstance(h.get("train/images_per_s"), (int, float)) and h["train/images_per_s"] > 0 and "step" in h]
+    if not batch or not rows:
+        return None
+    total, prev = 0.0, 0
+    for step, ips in rows:
+        total += (step - prev) * batch / ips
+        prev = step
+    return total / 60
 
 
 def _renamed(metrics: Dict[str, float], prefixes: Dict[str, str]) -> Dict[str, float]:

@@ -39,7 +39,7 @@ def aggregate(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     out = []
     for name in dict.fromkeys(r["run"] for r in rows):
         group = [r for r in rows if r["run"] == name and knn_columns([r])]  # a seed still training does not count
-        out.append(_merged(name, group, [*knn_columns(group), *FIGURES, "tau", *TAU_STATS, RANKME, "pretrain_min"]))
+        out.append(_merged(name, group, [*knn_columns(group), *FIGURES, "tau", *TAU_STATS, RANKME, "train_min"]))
     return out
 
 
@@ -63,7 +63,7 @@ def _fmt(v: Optional[float], std: Optional[float] = None, digits: int = 2, scale
 def markdown_table(agg: List[Dict[str, Any]], baselines: List[Dict[str, Any]]) -> str:
     keys = knn_columns([a["mean"] for a in agg])
     cols = ["run", "seeds", *[knn_label(k) for k in keys], "linear", "ECE before → after (%)", "align", "uniform",
-            "final τ", "pretrain min"]
+            "final τ", "train min"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for a in agg:
         m, sd = a["mean"], a["std"]
@@ -71,7 +71,7 @@ def markdown_table(agg: List[Dict[str, Any]], baselines: List[Dict[str, Any]]) -
                  _fmt(m["linear/test_top1"], sd["linear/test_top1"]),
                  f"{_fmt(m['calib/ece_before'], None, 2, 100)} → {_fmt(m['calib/ece_after'], None, 2, 100)}",
                  _fmt(m["diag/alignment"], None, 3), _fmt(m["diag/uniformity"], None, 3), _fmt(m["tau"], sd["tau"], 4),
-                 _fmt(m["pretrain_min"], None, 1)]
+                 _fmt(m["train_min"], None, 1)]
         lines.append("| " + " | ".join(cells) + " |")
     blank = [""] * 5
     for b in baselines:

@@ -117,7 +117,7 @@ def test_study_runs_evaluates_tabulates_and_restarts(tmp_path) -> None:
         lin = json.loads((Path(r["run_dir"]) / "eval" / "linear.json").read_text())
         assert r["linear/test_top1"] == lin["metrics"]["linear/test_top1"]
         assert r["calib/ece_after"] == lin["metrics"]["calib/ece_after"]
-        assert r["tau"] > 0 and r["diag/alignment"] is not None and r["pretrain_min"] > 0
+        assert r["tau"] > 0 and r["diag/alignment"] is not None and r["train_min"] > 0 and r["pretrain_wall_min"] > 0
     learn = res["aggregate"][0]
     assert learn["seeds"] == [0, 1] and learn["std"]["knn/top1_k5_t0.07"] is not None
     pixels, rand = res["baselines"]
@@ -433,3 +433,20 @@ def test_report_tabulates_the_ood_aurocs_per_setting(tmp_path, capsys) -> None:
     ood = json.loads((tmp_path / "results.json").read_text())["ood"]
     assert [a["run"] for a in ood["aggregate"]] == [
         "simclr-conditional", "simclr-conditional-dro", "simclr-dro-per-sample", "simclr-fixed-0.2"]
+
+
+def test_train_minutes_sum_every_logged_window_of_a_resumed_run() -> None:
+    """(steps since the previous row) × batch / images/s summed over the log: a run resumed at step 60 (its log
+    cut there and continued) counts both pieces; rows without a rate (online kNN) are skipped."""
+    from simclr_tau.records.run_data import RunData
+
+    mod = _module()
+    rows = [{"step": 20, "train/images_per_s": 100.0}, {"step": 40, "train/images_per_s": 200.0},
+            {"step": 40, "epoch": 1.0, "online_knn/top1_k20_t0.07": 80.0},
+            {"step": 60, "train/images_per_s": 50.0},  # the piece before the interruption ends here
+            {"step": 100, "train/images_per_s": 400.0}]  # after the resume
+    r = RunData("x", "", {"train.batch_size": 10}, {}, rows)
+    expected = (20 * 10 / 100 + 20 * 10 / 200 + 20 * 10 / 50 + 40 * 10 / 400) / 60
+    assert mod.train_minutes(r) == pytest.approx(expected, rel=1e-12)
+    assert mod.train_minutes(RunData("x", "", {}, {}, rows)) is None  # no batch size in the config
+    assert mod.train_minutes(RunData("x", "", {"train.batch_size": 10}, {}, [])) is None

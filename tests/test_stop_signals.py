@@ -102,9 +102,14 @@ def _mark_init(worker_id: int) -> None:
 def test_the_worker_init_ignores_the_stop_signals_and_runs_the_existing_init_function() -> None:
     from simclr_tau.train.signals import IgnoreStopSignals, stop_signals_blocked
 
-    loader = DataLoader(_SignalState(), batch_size=2, num_workers=1, worker_init_fn=IgnoreStopSignals(_mark_init))
-    with stop_signals_blocked():
-        batches = iter(loader)
-    assert next(batches).all()
-    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # this process is unchanged
-    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    # a known handler first: a test runner started as a background job inherits SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        loader = DataLoader(_SignalState(), batch_size=2, num_workers=1, worker_init_fn=IgnoreStopSignals(_mark_init))
+        with stop_signals_blocked():
+            batches = iter(loader)
+        assert next(batches).all()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # this process is unchanged
+        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        signal.signal(signal.SIGINT, previous)

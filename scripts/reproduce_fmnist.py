@@ -46,7 +46,11 @@ with all cores); they start seed by seed (every setting's seed 0 first), so an i
 holds paired comparisons.
 
 The script is restartable: a finished step (encoder exported, knn.json, linear.json) is skipped, and an
-interrupted pretraining resumes from its last checkpoint. Outputs under ``--out`` (default runs/fmnist-study,
+interrupted pretraining resumes from its last checkpoint. ``--archive DIR`` keeps the study past its machine:
+every finished run's small files (configs, metrics, evaluations, log; no weights) are mirrored into DIR, a
+folder to commit, and restored from it into a study directory that lacks them, so that a fresh clone continues
+the study where it stood and ``--report-only --archive DIR`` rebuilds its tables and plots (scripts/study_archive.py;
+with ``--report-only`` it also archives the runs finished meanwhile, e.g. by a study running beside it). Outputs under ``--out`` (default runs/fmnist-study,
 cpu2: runs/fmnist-study2): ``<run>-s<seed>/`` run directories, ``logs/`` (with ``timings.jsonl``: the seconds
 of every step), ``baselines/``, ``compare/`` (plots, report.html), ``plots/`` (one line or band per setting:
 kNN vs epoch over the seeds, τ vs step, the paired differences; scripts/study_plots.py), ``results.md`` and
@@ -66,6 +70,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -77,6 +82,7 @@ sys.path.insert(0, str(REPO))  # this checkout, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # study_tables, tau_sweep (also when loaded by path)
 
 from simclr_tau.records.run_data import final_tau, load_run_dir  # noqa: E402
+from study_archive import archive, restore  # noqa: E402
 from study_plots import load_study_runs, write_study_plots  # noqa: E402
 from study_tables import (FIGURES, LINEAR, RANKME, REFERENCE, TAU_STATS, aggregate, knn_columns,  # noqa: E402
                           learned_ranking_line, markdown_table, mode_verdicts, ood_aggregate, ood_record, ood_table,
@@ -204,6 +210,7 @@ def derived_runs(best: Optional[str]) -> Tuple[Dict[str, Dict[str, Any]], List[s
 class Step:
     cmd: List[str]
     output: Optional[Path]  # the file whose existence means the step is done (None: always run)
+    intermediate: bool = False  # its output is only an input of the later steps (the encoder of a pretraining)
 
 
 @dataclass
@@ -250,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="pipelines run at once (preset default)")
     p.add_argument("--no-baselines", action="store_true", help="skip the pixel and random-init baselines")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--archive", default=None, metavar="DIR",
+                   help="mirror the small files of every finished run (configs, metrics, evaluations, logs) into DIR, "
+                        "a folder to commit, and first restore from it the runs this study directory lacks: a study "
+                        "continues, and --report-only rebuilds its tables, on a fresh clone (scripts/study_archive.py)")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild compare/ and results.md from the finished runs, train and evaluate nothing")
     return p
@@ -282,7 +293,7 @@ def pretrain_step(args: argparse.Namespace, job: Job, overrides: Sequence[str]) 
                      "train.progress=false")
     if job.run_dir.is_dir() and not (job.run_dir / "encoder.safetensors").is_file():
         pre += ["--resume", "auto"]  # an interrupted run continues from its last checkpoint
-    return Step(pre, job.run_dir / "encoder.safetensors")
+    return Step(pre, job.run_dir / "encoder.safetensors", intermediate=True)
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -327,6 +338,16 @@ def schedule(jobs: List[Job]) -> List[Job]:
     return sorted(jobs, key=lambda j: order.index(j.seed))
 
 
+def evaluated(job: Job) -> bool:
+    """Whether ``job`` has a run record to tabulate (pretrained here, or restored from an archive)."""
+    return (job.run_dir / "summary.json").is_file()
+
+
+def complete(job: Job) -> bool:
+    """Whether every step of ``job`` is done (the run can be archived)."""
+    return not pending_steps(job.steps)
+
+
 def reference_job(jobs: List[Job]) -> Optional[Job]:
     """The run whose architecture the random-init baseline uses (the first SimCLR run)."""
     return next((j for j in jobs if j.method == "simclr"), None)
@@ -365,13 +386,23 @@ def compare_step(args: argparse.Namespace, jobs: List[Job]) -> Step:
                            *(["--no-baselines"] if args.no_baselines else [])), None)
 
 
+def done(step: Step) -> bool:
+    return step.output is not None and step.output.is_file()
+
+
+def pending_steps(steps: List[Step]) -> List[Step]:
+    """The steps still to run: those whose output is missing, except an intermediate step all of whose successors
+    are done — a run restored from an archive has its evaluations but no encoder, and is not pretrained again."""
+    return [s for i, s in enumerate(steps)
+            if not done(s) and not (s.intermediate and i + 1 < len(steps) and all(map(done, steps[i + 1:])))]
+
+
 def run_steps(label: str, steps: List[Step], log_dir: Path, env: Dict[str, str]) -> bool:
-    """Run ``steps`` in order (skipping finished ones), appending to ``log_dir/<label>.log``. True if all passed."""
+    """Run the :func:`pending_steps` of ``steps`` in order, appending to ``log_dir/<label>.log``. True if all
+    passed."""
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / f"{label}.log", "a") as log:
-        for step in steps:
-            if step.output is not None and step.output.is_file():
-                continue
+        for step in pending_steps(steps):
             sub, t0 = step.cmd[3], time.time()
             log.write(f"\n$ {shlex.join(step.cmd)}\n")
             log.flush()
@@ -533,6 +564,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
     jobs_n = args.jobs or preset["jobs"]
+    out = Path(args.out)
+    archive_dir = Path(args.archive) if args.archive else None
+    if archive_dir is not None and not args.dry_run:  # before planning: a restored run is a finished one
+        restored = restore(archive_dir, out)
+        runs = {f.parts[0] for f in restored} - {"logs", "baselines"}
+        print(f"restored from {archive_dir}: {len(runs)} runs, {len(restored)} files", flush=True)
     study = plan(args)
     jobs, ood_jobs = study.jobs, study.ood_jobs
     pixel_steps, random_steps = ([], []) if args.no_baselines else baseline_steps(args, jobs)
@@ -548,28 +585,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(note, flush=True)
     t0 = time.time()
     if args.report_only:
-        finished = [j for j in jobs if (j.run_dir / "encoder.safetensors").is_file()]
+        finished = [j for j in jobs if evaluated(j)]
         ok = run_steps("compare", [compare_step(args, finished)], logs, subprocess_env()) if finished else True
         wall = sum(step_seconds(Path(args.out)).values())  # a rebuilt report has no wall clock of its own
-        print("\n" + write_results(args, study, wall, "sum of the recorded step times; steps ran --jobs at a time"),
-              flush=True)
+        md = write_results(args, study, wall, "sum of the recorded step times; steps ran --jobs at a time")
+        if archive_dir is not None:  # what finished meanwhile (a study running beside this one) is archived too
+            archive(out, archive_dir, [j.label for j in jobs + ood_jobs if complete(j)])
+        print("\n" + md, flush=True)
         return 0 if ok else 1
     threads = max(1, (os.cpu_count() or 1) // jobs_n)
     env = subprocess_env({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
                           "WANDB_RUN_GROUP": os.environ.get("WANDB_RUN_GROUP", f"fmnist-study-{args.preset}")})
     print(f"{len(jobs)} runs + {len(ood_jobs)} OOD runs, {jobs_n} at a time ({env['OMP_NUM_THREADS']} threads each); "
           f"logs in {logs}", flush=True)
+    lock = threading.Lock()
+
+    def pipeline(label: str, steps: List[Step], runs: Sequence[str]) -> bool:
+        passed = run_steps(label, steps, logs, env)
+        if passed and archive_dir is not None:  # a finished run goes into the archive at once
+            with lock:
+                archive(out, archive_dir, runs)
+        return passed
+
     with ThreadPoolExecutor(jobs_n) as pool:
-        futures = [pool.submit(run_steps, j.label, j.steps, logs, env) for j in schedule(jobs) + schedule(ood_jobs)]
+        futures = [pool.submit(pipeline, j.label, j.steps, [j.label]) for j in schedule(jobs) + schedule(ood_jobs)]
         if pixel_steps:  # one more pipeline in the pool
-            futures.append(pool.submit(run_steps, "baselines", pixel_steps, logs, env))
+            futures.append(pool.submit(pipeline, "baselines", pixel_steps, []))
         ok = [f.result() for f in futures]
     if random_steps:  # after the pool: they need the reference run's directory
-        ok.append(run_steps("baselines", random_steps, logs, env))
-    finished = [j for j in jobs if (j.run_dir / "encoder.safetensors").is_file()]
+        ok.append(pipeline("baselines", random_steps, [reference_job(jobs).label]))
+    finished = [j for j in jobs if evaluated(j)]
     if finished:
         ok.append(run_steps("compare", [compare_step(args, finished)], logs, env))
     md = write_results(args, study, time.time() - t0)
+    if archive_dir is not None:
+        archive(out, archive_dir, [j.label for j in jobs + ood_jobs if complete(j)])
     print("\n" + md, flush=True)
     return 0 if all(ok) else 1
 

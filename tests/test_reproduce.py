@@ -105,7 +105,7 @@ def test_study_runs_evaluates_tabulates_and_restarts(tmp_path) -> None:
     env = {**os.environ, "WANDB_MODE": "disabled"}
     cmd = [sys.executable, str(SCRIPT), *TINY_DATA, "--preset", "cpu", "--out", str(out), "--jobs", "2", "--seeds", "0",
            "--spread-seeds", "1", "--spread-runs", "simclr-learnable-log",
-           "--only", "simclr-learnable-log", "mocov2-fixed-0.2"]
+           "--only", "simclr-learnable-log", "mocov2-fixed-0.2", "--archive", str(tmp_path / "archive")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -144,6 +144,19 @@ def test_study_runs_evaluates_tabulates_and_restarts(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (out / "results.md").read_text()
     assert "sum of the recorded step times" in md and "| simclr-learnable-log | 0,1 |" in md
+    # the machine is lost: the archive alone continues the study, trains nothing and tabulates the same figures
+    assert not list((tmp_path / "archive").rglob("*.safetensors")) and not list((tmp_path / "archive").rglob("*.pt"))
+    import shutil
+    shutil.rmtree(out)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "restored from" in proc.stdout and ": pretrain " not in proc.stdout and ": knn " not in proc.stdout
+    again = json.loads((out / "results.json").read_text())
+    keys = ["knn/top1_k5_t0.07", "linear/test_top1", "tau", "train_min", "pretrain_wall_min"]
+    assert [[r[k] for k in keys] for r in again["rows"]] == [[r[k] for k in keys] for r in res["rows"]]
+    assert again["baselines"] == res["baselines"] and again["plots"] == res["plots"]
+    assert "<td>baseline: raw pixels</td>" in (out / "compare" / "report.html").read_text()  # compare read them too
+    assert (out / "compare" / "tau_vs_step.png").is_file()
 
 
 def test_paired_differences_use_common_seeds_and_a_t_interval() -> None:
@@ -334,7 +347,8 @@ def _fake_run(out: Path, label: str, summary: dict, rankme: list) -> None:
     rows = [{"step": 10 * (i + 1), "epoch": float(i + 1), "online_knn/top1_k20_t0.07": 80.0, "online_rankme": v}
             for i, v in enumerate(rankme)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "summary.json").write_text(json.dumps({"run_name": label, **summary}))
+    diag = {"diag/alignment": 0.2, "diag/uniformity": -1.5}  # knn writes them; the study's compare plots them
+    (d / "summary.json").write_text(json.dumps({"run_name": label, **diag, **summary}))
 
 
 # setting: (kNN k=20, linear, RankMe) per seed 0, 1, 2
@@ -450,3 +464,75 @@ def test_train_minutes_sum_every_logged_window_of_a_resumed_run() -> None:
     assert mod.train_minutes(r) == pytest.approx(expected, rel=1e-12)
     assert mod.train_minutes(RunData("x", "", {}, {}, rows)) is None  # no batch size in the config
     assert mod.train_minutes(RunData("x", "", {"train.batch_size": 10}, {}, [])) is None
+
+
+def test_pending_steps_skip_done_ones_and_a_pretraining_whose_evaluations_exist(tmp_path) -> None:
+    mod = _module()
+    enc, knn, lin = tmp_path / "encoder.safetensors", tmp_path / "knn.json", tmp_path / "linear.json"
+    steps = [mod.Step(["pretrain"], enc, intermediate=True), mod.Step(["knn"], knn), mod.Step(["linear"], lin)]
+    names = lambda: [s.cmd[0] for s in mod.pending_steps(steps)]  # noqa: E731
+    assert names() == ["pretrain", "knn", "linear"]
+    enc.write_text("x")
+    assert names() == ["knn", "linear"]
+    knn.write_text("{}")
+    assert names() == ["linear"]
+    lin.write_text("{}")
+    assert names() == []
+    enc.unlink()  # restored from an archive: evaluated, no encoder
+    assert names() == []
+    knn.unlink()  # one evaluation to redo: it needs the encoder, so pretraining runs again
+    assert names() == ["pretrain", "knn"]
+    assert [s.cmd[0] for s in mod.pending_steps([mod.Step(["compare"], None)])] == ["compare"]
+    # independent steps (the pixel baselines): each runs while its own output is missing
+    independent = [mod.Step(["knn"], knn), mod.Step(["linear"], lin)]
+    assert [s.cmd[0] for s in mod.pending_steps(independent)] == ["knn"]
+
+
+def _study_files(out: Path, label: str, text: str) -> None:  # a run directory's kinds of files, big and small
+    run = out / label
+    (run / "eval").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "eval/knn.json", "eval/linear.json"):
+        (run / name).write_text(f"{label} {name} {text}")
+    (run / "encoder.safetensors").write_bytes(b"weights")
+    (run / "checkpoints" / "step_00000002.pt").write_bytes(b"ckpt")
+    (run / "eval" / "features.npy").write_bytes(b"cache")
+    (out / "logs").mkdir(exist_ok=True)
+    (out / "logs" / f"{label}.log").write_text(f"log of {label}")
+    with open(out / "logs" / "timings.jsonl", "a") as f:
+        f.write(json.dumps({"label": label, "step": "pretrain", "seconds": 1.0, "rc": 0}) + "\n")
+
+
+def test_archive_keeps_the_small_files_and_restore_brings_back_only_missing_runs(tmp_path) -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    import study_archive as sa
+
+    out, arch = tmp_path / "study", tmp_path / "archive"
+    _study_files(out, "a-s0", "v1")
+    _study_files(out, "b-s0", "v1")
+    (out / "baselines" / "pixels").mkdir(parents=True)
+    (out / "baselines" / "pixels" / "knn.json").write_text("pixels")
+    copied = sa.archive(out, arch, ["a-s0", "b-s0"])
+    assert sorted(map(str, copied)) == sorted([
+        "a-s0/config.yaml", "a-s0/metrics.jsonl", "a-s0/summary.json", "a-s0/eval/knn.json", "a-s0/eval/linear.json",
+        "logs/a-s0.log", "b-s0/config.yaml", "b-s0/metrics.jsonl", "b-s0/summary.json", "b-s0/eval/knn.json",
+        "b-s0/eval/linear.json", "logs/b-s0.log", "baselines/pixels/knn.json"])
+    assert len((arch / "logs" / "timings.jsonl").read_text().splitlines()) == 2
+    assert sa.archive(out, arch, ["a-s0", "b-s0"]) == []  # unchanged files are not copied again
+    (out / "a-s0" / "summary.json").write_text("a-s0 summary v2")  # a newer result replaces the archived one
+    assert sa.archive(out, arch, ["a-s0"]) == [Path("a-s0/summary.json")]
+    assert (arch / "a-s0" / "summary.json").read_text() == "a-s0 summary v2"
+
+    fresh = tmp_path / "fresh"  # a new machine: everything comes back but the weights
+    (fresh / "b-s0").mkdir(parents=True)  # ... except a run this machine has started itself: left alone
+    (fresh / "b-s0" / "metrics.jsonl").write_text("b mid-run")
+    (fresh / "logs").mkdir()
+    (fresh / "logs" / "timings.jsonl").write_text(json.dumps({"label": "c-s0", "step": "knn", "seconds": 2.0, "rc": 0}) + "\n")
+    restored = sa.restore(arch, fresh)
+    assert sorted(p.parts[0] for p in restored) == ["a-s0"] * 5 + ["baselines", "logs", "logs"]
+    assert (fresh / "a-s0" / "summary.json").read_text() == "a-s0 summary v2"
+    assert not (fresh / "a-s0" / "encoder.safetensors").exists() and not (fresh / "a-s0" / "checkpoints").exists()
+    assert (fresh / "b-s0" / "metrics.jsonl").read_text() == "b mid-run" and not (fresh / "b-s0" / "summary.json").exists()
+    labels = [json.loads(line)["label"] for line in (fresh / "logs" / "timings.jsonl").read_text().splitlines()]
+    assert labels == ["c-s0", "a-s0", "b-s0"]  # merged line by line, the machine's own first
+    assert sa.restore(arch, fresh) == [] and sa.restore(tmp_path / "none", fresh) == []

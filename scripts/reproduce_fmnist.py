@@ -86,7 +86,8 @@ from study_archive import archive, restore  # noqa: E402
 from study_plots import load_study_runs, write_study_plots  # noqa: E402
 from study_tables import (FIGURES, LINEAR, RANKME, REFERENCE, TAU_STATS, aggregate, knn_columns,  # noqa: E402
                           learned_ranking_line, markdown_table, mode_verdicts, ood_aggregate, ood_record, ood_table,
-                          paired_differences, paired_table, primary_knn, rankme_line, tau_table, verdict)
+                          paired_differences, paired_table, primary_knn, rankme_line, summary_table, tau_table,
+                          verdict)
 
 LEARNABLE = ["temperature.mode=learnable", "temperature.init=0.2"]
 DRO = ["temperature.mode=dro", "temperature.init=0.2"]
@@ -515,6 +516,7 @@ def write_results(args: argparse.Namespace, study: Plan, wall_s: float, wall_wha
     keys = [*knn_columns(rows), LINEAR]
     diffs = paired_differences(rows, keys)
     main_keys = [k for k in (primary_knn(knn_columns(rows)), LINEAR) if k is not None]
+    summary = summary_table(agg, diffs, main_keys, base) if any(a["seeds"] for a in agg) else ""
     verdicts = mode_verdicts(agg, diffs, main_keys) if any(a["seeds"] for a in agg) else []
     selection = [rankme_line(agg)] if any(a["seeds"] for a in agg) else []
     ranking = learned_ranking_line(agg, LEARNED, (args.best_learned, args.second_learned))
@@ -531,6 +533,9 @@ def write_results(args: argparse.Namespace, study: Plan, wall_s: float, wall_wha
         f"Command: `{cmd}`  ", f"Machine: {machine()}  ", f"Time: {wall_s / 60:.1f} min ({wall_what})", "",
         *([*[f"- plan: {n}" for n in study.notes], ""] if study.notes else []),
         "Test-set top-1 (%) on the 10k Fashion-MNIST test images; mean ± sample std over seeds where several ran.", "",
+        *([f"The answer: each setting against {REFERENCE}, paired on the seeds both ran (Δ: mean difference and its "
+           "95 % t-interval; better / worse when the interval excludes 0):", "", summary, "",
+           "Every figure:", ""] if summary else []),
         markdown_table(agg, base), "", *[f"- {n}" for n in [*notes, *selection, *([ranking] if ranking else [])]], "",
         *([f"Verdict per setting against {REFERENCE}: mean ± std over its seeds, and the paired difference on the "
            "seeds both ran, mean [95 % t-interval] (better / worse when the interval excludes 0):", "",
@@ -545,7 +550,7 @@ def write_results(args: argparse.Namespace, study: Plan, wall_s: float, wall_wha
         *[f"- {n}" for n in plot_notes], ""])
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"rows": rows, "aggregate": agg, "baselines": base, "verdict": notes,
-                                                  "paired": diffs, "verdict_per_setting": verdicts,
+                                                  "paired": diffs, "verdict_per_setting": verdicts, "summary_table": summary,
                                                   "rankme": selection, "learned_ranking": ranking,
                                                   "ood": {"rows": ood_rows, "aggregate": ood_agg, "pixels": pix_ood},
                                                   "plan_notes": study.notes,

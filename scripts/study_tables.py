@@ -157,15 +157,52 @@ def paired_table(diffs: List[Dict[str, Any]], keys: Sequence[str]) -> str:
         cells = [name]
         ds = {d["metric"]: d for d in diffs if d["run"] == name}
         cells.append(",".join(map(str, next(iter(ds.values()))["seeds"])))
-        for k in keys:
-            d = ds.get(k)
-            if d is None or d["mean"] is None:
-                cells.append("–")
-            elif d["lo"] is None:
-                cells.append(f"{d['mean']:+.2f} ({d['verdict']})")
-            else:
-                cells.append(f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] {d['verdict']}")
+        cells += [_diff_cell(ds.get(k)) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _diff_cell(d: Optional[Dict[str, Any]], verdict: bool = True) -> str:
+    """A paired difference as a table cell: mean [95 % t-interval] and (``verdict``) the verdict."""
+    if d is None or d["mean"] is None:
+        return "–"
+    if d["lo"] is None:
+        return f"{d['mean']:+.2f} ({d['verdict'] if verdict else 'one seed'})"
+    return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]" + (f" {d['verdict']}" if verdict else "")
+
+
+def summary_table(agg: List[Dict[str, Any]], diffs: List[Dict[str, Any]], keys: Sequence[str],
+                  baselines: List[Dict[str, Any]], reference: str = REFERENCE) -> str:
+    """The study's answer in one table: per evaluated setting, each of ``keys`` (the main kNN column, the
+    linear probe) as mean ± std over its seeds next to its paired difference to ``reference`` with the 95 %
+    t-interval, a verdict per metric, and the final τ; then the baselines and the paper's best classifier."""
+    head = ["setting", "seeds"]
+    for k in keys:
+        head += [_label(k), f"Δ {_label(k)} [95 %]"]
+    head += ["verdict (" + " / ".join(_label(k) for k in keys) + ")", "final τ"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a in agg:
+        if not a["seeds"]:
+            continue
+        ds = {d["metric"]: d for d in diffs if d["run"] == a["run"]}
+        cells = [a["run"], ",".join(map(str, a["seeds"]))]
+        for k in keys:
+            cells += [_fmt(a["mean"].get(k), a["std"].get(k)), "ref." if a["run"] == reference else _diff_cell(ds.get(k), False)]
+        verdicts = ["ref." if a["run"] == reference else (ds[k]["verdict"] if k in ds and ds[k]["lo"] is not None else "–")
+                    for k in keys]
+        cells += [" / ".join(dict.fromkeys(verdicts)) if len(set(verdicts)) == 1 else " / ".join(verdicts),
+                  _fmt(a["mean"].get("tau"), None, 4)]
+        lines.append("| " + " | ".join(cells) + " |")
+    for b in baselines:
+        cells = [f"*{b['run']}*", "–"]
+        for k in keys:
+            cells += [_fmt(b.get(k)), ""]
+        lines.append("| " + " | ".join(cells + ["", ""]) + " |")
+    name, acc = next(iter(PAPER_BASELINES.items()))
+    cells = [f"*paper: {name}*", "–"]
+    for k in keys:
+        cells += [f"{acc:.1f} (classifier)" if k == LINEAR else "", ""]
+    lines.append("| " + " | ".join(cells + ["", ""]) + " |")
     return "\n".join(lines)
 
 

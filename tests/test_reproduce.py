@@ -381,6 +381,11 @@ def test_report_names_the_rankme_pick_its_ranks_and_a_verdict_per_setting(tmp_pa
             "85.20 ± 0.20\n") in md
     assert "- simclr-learnable-log (seeds 0,1,2; paired on 0,1,2): kNN k=20 T=0.07 84.60 ± 0.10, Δ +0.40" in md
     assert "- simclr-adaptive: no seed evaluated yet\n" in md
+    assert ("| simclr-conditional | 0,1,2 | 84.10 ± 0.26 | -0.10 [-0.35, +0.15] | 85.50 ± 0.10 | +0.30 [+0.05, +0.55] "
+            "| no evidence / better | – |\n") in md  # the summary table: the same figures, one row a setting
+    assert "| simclr-fixed-0.2 | 0,1,2 | 84.20 ± 0.20 | ref. | 85.20 ± 0.20 | ref. | ref. | – |\n" in md
+    assert "simclr-adaptive |" not in md.split("Every figure:")[0]  # no seed: not in the summary
+    assert md.index("The answer:") < md.index("Every figure:") < md.index("| run | seeds |")
     assert "--best-learned not given" in md and "τ as an out-of-distribution score" not in md
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["rankme"][0].startswith("RankMe (label-free") and res["rows"][0]["online_rankme"] == 40.0

@@ -13,7 +13,7 @@
 
 Runs (one backbone, budget and seed set per preset; the preset's two configs hold everything else):
 
-    simclr-fixed-{0.07,0.1,0.2,0.5}   fixed τ
+    simclr-fixed-{0.05,0.07,0.1,0.2,0.5}   fixed τ
     simclr-learnable-{log,softplus,relu}   learnable scalar τ, init 0.2, each parametrization, unbounded
     simclr-learnable-log-bounded    learnable τ = exp θ, init 0.2, projected into [0.05, 1] after each step
     simclr-conditional              per-sample τ from an MLP on the (detached) projection, init 0.2, in [0.05, 1]
@@ -92,6 +92,8 @@ from study_tables import (FIGURES, LINEAR, RANKME, REFERENCE, TAU_STATS, aggrega
 LEARNABLE = ["temperature.mode=learnable", "temperature.init=0.2"]
 DRO = ["temperature.mode=dro", "temperature.init=0.2"]
 RUNS: Dict[str, Dict[str, Any]] = {
+    # 0.05: where the bounded learnable τ ends (its floor), the constant a learned τ must beat to count as learned
+    "simclr-fixed-0.05": {"method": "simclr", "overrides": ["temperature.mode=fixed", "temperature.init=0.05"]},
     "simclr-fixed-0.07": {"method": "simclr", "overrides": ["temperature.mode=fixed", "temperature.init=0.07"]},
     "simclr-fixed-0.1": {"method": "simclr", "overrides": ["temperature.mode=fixed", "temperature.init=0.1"]},
     "simclr-fixed-0.2": {"method": "simclr", "overrides": ["temperature.mode=fixed", "temperature.init=0.2"]},
@@ -145,7 +147,7 @@ SETTINGS_ROUND1 = [
     "mocov2-fixed-0.2", "mocov2-learnable-log"]
 # round two (issue 17), preset cpu2; --best-learned adds its DCL and MoCo v2 variants (derived_runs)
 SETTINGS_ROUND2 = [
-    "simclr-fixed-0.1", "simclr-fixed-0.2", "simclr-fixed-0.5", "simclr-learnable-log", "simclr-learnable-log-bounded",
+    "simclr-fixed-0.05", "simclr-fixed-0.1", "simclr-fixed-0.2", "simclr-fixed-0.5", "simclr-learnable-log", "simclr-learnable-log-bounded",
     "simclr-dro-global", "simclr-dro-per-sample", "simclr-dro-per-sample-sogclr", "simclr-conditional",
     "simclr-conditional-dro", "simclr-adaptive", "simclr-cosine", "simclr-dcl-fixed-0.2", "mocov2-fixed-0.2",
     "simclr-fixed-0.2-outbn"]

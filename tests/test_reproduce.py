@@ -211,6 +211,7 @@ def _temperature(cfg) -> tuple:
 
 
 ROUND2 = {  # setting: (method, mode, init, parametrization, tau_min, tau_max, dro, schedule, decoupled)
+    "simclr-fixed-0.05": ("simclr", "fixed", 0.05, None, None, None, None, None, False),
     "simclr-fixed-0.1": ("simclr", "fixed", 0.1, None, None, None, None, None, False),
     "simclr-fixed-0.2": ("simclr", "fixed", 0.2, None, None, None, None, None, False),
     "simclr-fixed-0.5": ("simclr", "fixed", 0.5, None, None, None, None, None, False),
@@ -326,7 +327,7 @@ def test_cpu2_dry_run_prints_every_command(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     lines = [line.split() for line in proc.stdout.strip().splitlines()]
     sub = [a[3] for a in lines]
-    n_runs = 17 * 3 + 3 * 2  # 15 settings + DCL and MoCo v2 of the best; seeds 3 and 4 for three of them
+    n_runs = 18 * 3 + 3 * 2  # 16 settings + DCL and MoCo v2 of the best; seeds 3 and 4 for three of them
     assert sub.count("pretrain") == n_runs + 12 and sub.count("ood") == 12 + 1  # + the OOD block and its pixels
     assert sub.count("knn") == sub.count("linear") == n_runs + 2 and sub[-1] == "compare"
     assert not any(a[0].startswith("#") for a in lines)  # nothing left out, so no note

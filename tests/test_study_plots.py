@@ -96,7 +96,7 @@ def test_setting_group_sorts_every_study_setting_into_its_family() -> None:
     derived, _ = mod.derived_runs("simclr-conditional")
     specs = {**mod.RUNS, **derived}
     expected = {
-        sp.FIXED: ["simclr-fixed-0.07", "simclr-fixed-0.1", "simclr-fixed-0.2", "simclr-fixed-0.5"],
+        sp.FIXED: ["simclr-fixed-0.05", "simclr-fixed-0.07", "simclr-fixed-0.1", "simclr-fixed-0.2", "simclr-fixed-0.5"],
         sp.SCALAR: ["simclr-learnable-log", "simclr-learnable-softplus", "simclr-learnable-relu",
                     "simclr-learnable-log-bounded", "simclr-dro-global", "simclr-dro-global-rho1"],
         sp.PER_SAMPLE: ["simclr-conditional", "simclr-dro-per-sample", "simclr-dro-per-sample-sogclr",

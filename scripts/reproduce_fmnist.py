@@ -87,7 +87,7 @@ from study_plots import load_study_runs, write_study_plots  # noqa: E402
 from study_tables import (FIGURES, LINEAR, RANKME, REFERENCE, TAU_STATS, aggregate, knn_columns,  # noqa: E402
                           learned_ranking_line, markdown_table, mode_verdicts, ood_aggregate, ood_record, ood_table,
                           paired_differences, paired_table, primary_knn, rankme_line, summary_table, tau_table,
-                          verdict)
+                          verdict, vs_best_fixed, vs_best_fixed_table)
 
 LEARNABLE = ["temperature.mode=learnable", "temperature.init=0.2"]
 DRO = ["temperature.mode=dro", "temperature.init=0.2"]
@@ -519,6 +519,8 @@ def write_results(args: argparse.Namespace, study: Plan, wall_s: float, wall_wha
     diffs = paired_differences(rows, keys)
     main_keys = [k for k in (primary_knn(knn_columns(rows)), LINEAR) if k is not None]
     summary = summary_table(agg, diffs, main_keys, base) if any(a["seeds"] for a in agg) else ""
+    best = vs_best_fixed(rows, agg, main_keys, LEARNED)
+    best_md = vs_best_fixed_table(best, main_keys)
     verdicts = mode_verdicts(agg, diffs, main_keys) if any(a["seeds"] for a in agg) else []
     selection = [rankme_line(agg)] if any(a["seeds"] for a in agg) else []
     ranking = learned_ranking_line(agg, LEARNED, (args.best_learned, args.second_learned))
@@ -537,6 +539,9 @@ def write_results(args: argparse.Namespace, study: Plan, wall_s: float, wall_wha
         "Test-set top-1 (%) on the 10k Fashion-MNIST test images; mean ± sample std over seeds where several ran.", "",
         *([f"The answer: each setting against {REFERENCE}, paired on the seeds both ran (Δ: mean difference and its "
            "95 % t-interval; better / worse when the interval excludes 0):", "", summary, "",
+           *(["The project's question: each learned τ against the best fixed τ of each metric (the constant with the "
+              "highest mean on that metric, picked on the same test set, which favours it), paired on the common seeds:",
+              "", best_md, ""] if best_md else []),
            "Every figure:", ""] if summary else []),
         markdown_table(agg, base), "", *[f"- {n}" for n in [*notes, *selection, *([ranking] if ranking else [])]], "",
         *([f"Verdict per setting against {REFERENCE}: mean ± std over its seeds, and the paired difference on the "
@@ -553,6 +558,7 @@ def write_results(args: argparse.Namespace, study: Plan, wall_s: float, wall_wha
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"rows": rows, "aggregate": agg, "baselines": base, "verdict": notes,
                                                   "paired": diffs, "verdict_per_setting": verdicts, "summary_table": summary,
+                                                  "vs_best_fixed": best, "vs_best_fixed_table": best_md,
                                                   "rankme": selection, "learned_ranking": ranking,
                                                   "ood": {"rows": ood_rows, "aggregate": ood_agg, "pixels": pix_ood},
                                                   "plan_notes": study.notes,

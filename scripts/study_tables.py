@@ -223,6 +223,56 @@ def tau_table(agg: List[Dict[str, Any]]) -> str:
 
 # ---- round two: the verdict per mode, the label-free pick, the held-out classes ------------------------
 
+FIXED_PREFIX = "simclr-fixed-"  # simclr-fixed-<τ>: a fixed τ with nothing else changed (not the -outbn recipe row)
+
+
+def best_fixed(agg: List[Dict[str, Any]], key: str) -> Optional[str]:
+    """The fixed-τ setting with the highest mean ``key`` over its seeds (None if no fixed τ has it)."""
+    fixed = [a for a in agg if a["run"].startswith(FIXED_PREFIX) and _is_number(a["run"][len(FIXED_PREFIX):])
+             and a["mean"].get(key) is not None]
+    return max(fixed, key=lambda a: a["mean"][key])["run"] if fixed else None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def vs_best_fixed(rows: List[Dict[str, Any]], agg: List[Dict[str, Any]], keys: Sequence[str],
+                  learned: Sequence[str]) -> List[Dict[str, Any]]:
+    """Each evaluated ``learned`` setting paired against the best fixed τ of each metric (:func:`best_fixed`):
+    the entries of :func:`paired_differences`, with ``reference`` naming that fixed τ. Choosing the best constant
+    on the same test set favours it, so a "better" here is conservative."""
+    out = []
+    for key in keys:
+        ref = best_fixed(agg, key)
+        if ref is None:
+            continue
+        mine = [r for r in rows if r["run"] in learned or r["run"] == ref]
+        out += [{**d, "reference": ref} for d in paired_differences(mine, [key], reference=ref)]
+    return out
+
+
+def vs_best_fixed_table(diffs: List[Dict[str, Any]], keys: Sequence[str]) -> str:
+    """One row per learned setting: its paired Δ to the best fixed τ of each metric, [95 % t-interval] verdict."""
+    if not diffs:
+        return ""
+    refs = {d["metric"]: d["reference"] for d in diffs}
+    keys = [k for k in keys if k in refs]
+    head = ["learned τ", "seeds", *[f"Δ {_label(k)} vs {refs[k]}" for k in keys]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in dict.fromkeys(d["run"] for d in diffs):
+        ds = {d["metric"]: d for d in diffs if d["run"] == name}
+        if all(d["mean"] is None for d in ds.values()):
+            continue  # not evaluated yet
+        seeds = ",".join(map(str, next(iter(ds.values()))["seeds"]))
+        lines.append("| " + " | ".join([name, seeds, *[_diff_cell(ds.get(k)) for k in keys]]) + " |")
+    return "\n".join(lines)
+
+
 def primary_knn(keys: Sequence[str]) -> Optional[str]:
     """The kNN column a verdict reads first: k = 20 (the paper's protocol), else the first one."""
     return next((k for k in keys if knn_order(k)[1] == 20), keys[0] if keys else None)

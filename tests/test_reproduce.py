@@ -386,7 +386,9 @@ def test_report_names_the_rankme_pick_its_ranks_and_a_verdict_per_setting(tmp_pa
             "| no evidence / better | – |\n") in md  # the summary table: the same figures, one row a setting
     assert "| simclr-fixed-0.2 | 0,1,2 | 84.20 ± 0.20 | ref. | 85.20 ± 0.20 | ref. | ref. | – |\n" in md
     assert "simclr-adaptive |" not in md.split("Every figure:")[0]  # no seed: not in the summary
-    assert md.index("The answer:") < md.index("Every figure:") < md.index("| run | seeds |")
+    assert md.index("The answer:") < md.index("The project's question") < md.index("Every figure:") < md.index("| run | seeds |")
+    # against the best fixed τ (here the only one, fixed 0.2): the learned modes only
+    assert "| simclr-conditional | 0,1,2 | -0.10 [-0.35, +0.15] no evidence | +0.30 [+0.05, +0.55] better |\n" in md
     assert "--best-learned not given" in md and "τ as an out-of-distribution score" not in md
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["rankme"][0].startswith("RankMe (label-free") and res["rows"][0]["online_rankme"] == 40.0
@@ -542,3 +544,35 @@ def test_archive_keeps_the_small_files_and_restore_brings_back_only_missing_runs
     labels = [json.loads(line)["label"] for line in (fresh / "logs" / "timings.jsonl").read_text().splitlines()]
     assert labels == ["c-s0", "a-s0", "b-s0"]  # merged line by line, the machine's own first
     assert sa.restore(arch, fresh) == [] and sa.restore(tmp_path / "none", fresh) == []
+
+
+def test_learned_taus_are_paired_against_the_best_fixed_tau_of_each_metric() -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    import study_tables as st
+
+    K, LIN = "knn/top1_k20_t0.07", "linear/test_top1"
+    figures = {  # setting: (kNN per seed, linear per seed)
+        "simclr-fixed-0.1": ((86.7, 86.5, 86.6), (88.9, 88.2, 88.5)),  # best fixed by kNN (86.6)
+        "simclr-fixed-0.2": ((86.3, 86.35, 86.35), (88.6, 88.8, 88.6)),  # best fixed by linear (88.67)
+        "simclr-fixed-0.2-outbn": ((90.0, 90.0, 90.0), (95.0, 95.0, 95.0)),  # a recipe row, not a fixed τ
+        "simclr-learnable-log": ((87.2, 86.9, 87.1), (88.6, 88.6, 88.6)),
+        "simclr-conditional": ((), ()),  # not evaluated yet
+    }
+    rows = [{"run": name, "seed": s, K: knn[s], LIN: lin[s]} for name, (knn, lin) in figures.items()
+            for s in range(len(knn))] + [{"run": "simclr-conditional", "seed": 0}]
+    agg = st.aggregate(rows)
+    assert st.best_fixed(agg, K) == "simclr-fixed-0.1" and st.best_fixed(agg, LIN) == "simclr-fixed-0.2"
+    assert st.best_fixed(agg, "knn/top1_k200_t0.1") is None
+    diffs = st.vs_best_fixed(rows, agg, [K, LIN], ["simclr-learnable-log", "simclr-conditional"])
+    d = {(e["run"], e["metric"]): e for e in diffs}
+    knn = d[("simclr-learnable-log", K)]  # Δ 0.5, 0.4, 0.5: mean 0.4667, sd 0.0577, t_2 = 4.303 → ± 0.1434
+    assert knn["reference"] == "simclr-fixed-0.1" and knn["verdict"] == "better"
+    assert math.isclose(knn["mean"], 1.4 / 3) and math.isclose(knn["lo"], 1.4 / 3 - 4.303 * (1 / 300) ** 0.5 / 3 ** 0.5)
+    lin = d[("simclr-learnable-log", LIN)]  # Δ 0, -0.2, 0 against fixed 0.2: mean -0.0667, sd 0.1155 → ± 0.2869
+    assert lin["reference"] == "simclr-fixed-0.2" and lin["verdict"] == "no evidence"
+    assert math.isclose(lin["hi"], -0.2 / 3 + 4.303 * statistics.stdev([0.0, -0.2, 0.0]) / 3 ** 0.5, abs_tol=1e-9)
+    table = st.vs_best_fixed_table(diffs, [K, LIN])
+    assert table.splitlines()[0] == ("| learned τ | seeds | Δ kNN k=20 T=0.07 vs simclr-fixed-0.1 | Δ linear probe vs "
+                                     "simclr-fixed-0.2 |")
+    assert table.splitlines()[2] == "| simclr-learnable-log | 0,1,2 | +0.47 [+0.32, +0.61] better | -0.07 [-0.35, +0.22] no evidence |"
+    assert len(table.splitlines()) == 3  # the setting without an evaluated seed has no row

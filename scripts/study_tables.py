@@ -262,14 +262,15 @@ def vs_best_fixed_table(diffs: List[Dict[str, Any]], keys: Sequence[str]) -> str
         return ""
     refs = {d["metric"]: d["reference"] for d in diffs}
     keys = [k for k in keys if k in refs]
-    head = ["learned τ", "seeds", *[f"Δ {_label(k)} vs {refs[k]}" for k in keys]]
+    head = ["learned τ", *[f"Δ {_label(k)} vs {refs[k]} (seeds)" for k in keys]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in dict.fromkeys(d["run"] for d in diffs):
         ds = {d["metric"]: d for d in diffs if d["run"] == name}
         if all(d["mean"] is None for d in ds.values()):
             continue  # not evaluated yet
-        seeds = ",".join(map(str, next(iter(ds.values()))["seeds"]))
-        lines.append("| " + " | ".join([name, seeds, *[_diff_cell(ds.get(k)) for k in keys]]) + " |")
+        cells = [_diff_cell(ds.get(k)) + (f" ({','.join(map(str, ds[k]['seeds']))})" if k in ds and ds[k]["n"] else "")
+                 for k in keys]  # the seeds per cell: the two references may have run different seeds
+        lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)
 
 

@@ -190,7 +190,7 @@ def summary_table(agg: List[Dict[str, Any]], diffs: List[Dict[str, Any]], keys: 
             cells += [_fmt(a["mean"].get(k), a["std"].get(k)), "ref." if a["run"] == reference else _diff_cell(ds.get(k), False)]
         verdicts = ["ref." if a["run"] == reference else (ds[k]["verdict"] if k in ds and ds[k]["lo"] is not None else "–")
                     for k in keys]
-        cells += [" / ".join(dict.fromkeys(verdicts)) if len(set(verdicts)) == 1 else " / ".join(verdicts),
+        cells += [verdicts[0] if len(set(verdicts)) == 1 else " / ".join(verdicts),
                   _fmt(a["mean"].get("tau"), None, 4)]
         lines.append("| " + " | ".join(cells) + " |")
     for b in baselines:
@@ -268,10 +268,20 @@ def vs_best_fixed_table(diffs: List[Dict[str, Any]], keys: Sequence[str]) -> str
         ds = {d["metric"]: d for d in diffs if d["run"] == name}
         if all(d["mean"] is None for d in ds.values()):
             continue  # not evaluated yet
-        cells = [_diff_cell(ds.get(k)) + (f" ({','.join(map(str, ds[k]['seeds']))})" if k in ds and ds[k]["n"] else "")
-                 for k in keys]  # the seeds per cell: the two references may have run different seeds
+        cells = [_seeded_cell(ds.get(k)) for k in keys]  # seeds per cell: the references may differ in seeds
         lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)
+
+
+def _seeded_cell(d: Optional[Dict[str, Any]]) -> str:
+    """A paired difference with the seeds it is over: ``+0.24 [+0.13, +0.36] better (seeds 0,1,2)``, or for
+    one common seed ``-0.56 (seed 0 only: no interval)``."""
+    if d is None or d["mean"] is None:
+        return "–"
+    seeds = ",".join(map(str, d["seeds"]))
+    if d["lo"] is None:
+        return f"{d['mean']:+.2f} (seed {seeds} only: no interval)"
+    return f"{_diff_cell(d)} (seeds {seeds})"
 
 
 def primary_knn(keys: Sequence[str]) -> Optional[str]:

@@ -178,6 +178,11 @@ def test_paired_differences_use_common_seeds_and_a_t_interval() -> None:
     assert worse[0]["verdict"] == "worse"
     table = repro.paired_table(list(diffs.values()), [K])
     assert "| a | 0,1,2 | +1.17 [" in table and "better" in table
+    LIN = "linear/test_top1"  # a run whose linear probe has not finished on seed 1: that metric pairs on 0 only
+    pending = [{**r, LIN: 85.0} for r in rows[:3]] + [{**rows[3], LIN: 86.0}, rows[4]]
+    lin = {d["metric"]: d for d in repro.paired_differences(pending, [K, LIN])}
+    assert lin[K]["seeds"] == [0, 1] and lin[K]["n"] == 2 and lin[LIN]["seeds"] == [0] and lin[LIN]["n"] == 1
+    assert lin[LIN]["mean"] == 1.0 and lin[LIN]["lo"] is None
 
 
 # ---- round two: preset cpu2 ------------------------------------------------------------------------------

@@ -186,6 +186,9 @@ def _robust(spec: Dict[str, Any]) -> bool:
 # the SimCLR settings whose τ is learned or follows the data: candidates for --best-learned
 LEARNED = [name for name, spec in RUNS.items() if spec["method"] == "simclr" and "loss.decoupled=true" not in
            spec["overrides"] and _tau_mode(spec) in ("learnable", "conditional", "dro", "adaptive")]
+# the constants a learned τ must beat: SimCLR with a fixed τ and nothing else changed (not DCL, MoCo, the -outbn row)
+FIXED_TAU = [name for name, spec in RUNS.items() if spec["method"] == "simclr" and _tau_mode(spec) == "fixed"
+             and all(o.startswith("temperature.") for o in spec["overrides"])]
 
 
 def derived_runs(best: Optional[str]) -> Tuple[Dict[str, Dict[str, Any]], List[str]]:
@@ -519,7 +522,7 @@ def write_results(args: argparse.Namespace, study: Plan, wall_s: float, wall_wha
     diffs = paired_differences(rows, keys)
     main_keys = [k for k in (primary_knn(knn_columns(rows)), LINEAR) if k is not None]
     summary = summary_table(agg, diffs, main_keys, base) if any(a["seeds"] for a in agg) else ""
-    best = vs_best_fixed(rows, agg, main_keys, LEARNED)
+    best = vs_best_fixed(rows, agg, main_keys, LEARNED, FIXED_TAU)
     best_md = vs_best_fixed_table(best, main_keys)
     verdicts = mode_verdicts(agg, diffs, main_keys) if any(a["seeds"] for a in agg) else []
     selection = [rankme_line(agg)] if any(a["seeds"] for a in agg) else []

@@ -224,32 +224,20 @@ def tau_table(agg: List[Dict[str, Any]]) -> str:
 
 # ---- round two: the verdict per mode, the label-free pick, the held-out classes ------------------------
 
-FIXED_PREFIX = "simclr-fixed-"  # simclr-fixed-<τ>: a fixed τ with nothing else changed (not the -outbn recipe row)
-
-
-def best_fixed(agg: List[Dict[str, Any]], key: str) -> Optional[str]:
-    """The fixed-τ setting with the highest mean ``key`` over its seeds (None if no fixed τ has it)."""
-    fixed = [a for a in agg if a["run"].startswith(FIXED_PREFIX) and _is_number(a["run"][len(FIXED_PREFIX):])
-             and a["mean"].get(key) is not None]
-    return max(fixed, key=lambda a: a["mean"][key])["run"] if fixed else None
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+def best_fixed(agg: List[Dict[str, Any]], key: str, fixed: Sequence[str]) -> Optional[str]:
+    """Of the ``fixed`` τ settings, the one with the highest mean ``key`` over its seeds (None if none has it)."""
+    have = [a for a in agg if a["run"] in fixed and a["mean"].get(key) is not None]
+    return max(have, key=lambda a: a["mean"][key])["run"] if have else None
 
 
 def vs_best_fixed(rows: List[Dict[str, Any]], agg: List[Dict[str, Any]], keys: Sequence[str],
-                  learned: Sequence[str]) -> List[Dict[str, Any]]:
+                  learned: Sequence[str], fixed: Sequence[str]) -> List[Dict[str, Any]]:
     """Each evaluated ``learned`` setting paired against the best fixed τ of each metric (:func:`best_fixed`):
     the entries of :func:`paired_differences`, with ``reference`` naming that fixed τ. Choosing the best constant
     on the same test set favours it, so a "better" here is conservative."""
     out = []
     for key in keys:
-        ref = best_fixed(agg, key)
+        ref = best_fixed(agg, key, fixed)
         if ref is None:
             continue
         mine = [r for r in rows if r["run"] in learned or r["run"] == ref]

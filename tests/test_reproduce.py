@@ -565,10 +565,12 @@ def test_learned_taus_are_paired_against_the_best_fixed_tau_of_each_metric() -> 
     }
     rows = [{"run": name, "seed": s, K: knn[s], LIN: lin[s]} for name, (knn, lin) in figures.items()
             for s in range(len(knn))] + [{"run": "simclr-conditional", "seed": 0}]
+    fixed = _module().FIXED_TAU  # the study's constants: the -outbn recipe row, DCL and MoCo v2 are not among them
+    assert fixed == ["simclr-fixed-0.05", "simclr-fixed-0.07", "simclr-fixed-0.1", "simclr-fixed-0.2", "simclr-fixed-0.5"]
     agg = st.aggregate(rows)
-    assert st.best_fixed(agg, K) == "simclr-fixed-0.1" and st.best_fixed(agg, LIN) == "simclr-fixed-0.2"
-    assert st.best_fixed(agg, "knn/top1_k200_t0.1") is None
-    diffs = st.vs_best_fixed(rows, agg, [K, LIN], ["simclr-learnable-log", "simclr-conditional"])
+    assert st.best_fixed(agg, K, fixed) == "simclr-fixed-0.1" and st.best_fixed(agg, LIN, fixed) == "simclr-fixed-0.2"
+    assert st.best_fixed(agg, "knn/top1_k200_t0.1", fixed) is None
+    diffs = st.vs_best_fixed(rows, agg, [K, LIN], ["simclr-learnable-log", "simclr-conditional"], fixed)
     d = {(e["run"], e["metric"]): e for e in diffs}
     knn = d[("simclr-learnable-log", K)]  # Δ 0.5, 0.4, 0.5: mean 0.4667, sd 0.0577, t_2 = 4.303 → ± 0.1434
     assert knn["reference"] == "simclr-fixed-0.1" and knn["verdict"] == "better"
@@ -582,11 +584,11 @@ def test_learned_taus_are_paired_against_the_best_fixed_tau_of_each_metric() -> 
     assert table.splitlines()[2] == ("| simclr-learnable-log | +0.47 [+0.32, +0.61] better (seeds 0,1,2) | -0.07 [-0.35, "
                                      "+0.22] no evidence (seeds 0,1,2) |")
     rows = [r for r in rows if (r["run"], r["seed"]) != ("simclr-fixed-0.1", 2)]  # the kNN reference lacks seed 2
-    diffs = st.vs_best_fixed(rows, st.aggregate(rows), [K, LIN], ["simclr-learnable-log"])
+    diffs = st.vs_best_fixed(rows, st.aggregate(rows), [K, LIN], ["simclr-learnable-log"], fixed)
     assert "better (seeds 0,1,2) |" not in st.vs_best_fixed_table(diffs, [K, LIN])
     assert st.vs_best_fixed_table(diffs, [K, LIN]).splitlines()[2].count("(seeds 0,1)") == 1  # kNN 0,1; linear 0,1,2
     rows = [r for r in rows if r["run"] != "simclr-learnable-log" or r["seed"] == 0]  # one common seed: no interval
-    diffs = st.vs_best_fixed(rows, st.aggregate(rows), [K, LIN], ["simclr-learnable-log"])
+    diffs = st.vs_best_fixed(rows, st.aggregate(rows), [K, LIN], ["simclr-learnable-log"], fixed)
     assert st.vs_best_fixed_table(diffs, [K, LIN]).splitlines()[2] == (
         "| simclr-learnable-log | +0.50 (seed 0 only: no interval) | +0.00 (seed 0 only: no interval) |")
     assert len(table.splitlines()) == 3  # the setting without an evaluated seed has no row

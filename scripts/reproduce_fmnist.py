@@ -87,7 +87,7 @@ from study_plots import load_study_runs, write_study_plots  # noqa: E402
 from study_tables import (FIGURES, LINEAR, RANKME, REFERENCE, TAU_STATS, aggregate, knn_columns,  # noqa: E402
                           learned_ranking_line, markdown_table, mode_verdicts, ood_aggregate, ood_record, ood_table,
                           paired_differences, paired_table, primary_knn, rankme_line, summary_table, tau_table,
-                          verdict, vs_best_fixed, vs_best_fixed_table)
+                          verdict, vs_best_fixed, vs_best_fixed_table, vs_references, vs_references_table)
 
 LEARNABLE = ["temperature.mode=learnable", "temperature.init=0.2"]
 DRO = ["temperature.mode=dro", "temperature.init=0.2"]
@@ -210,6 +210,20 @@ def derived_runs(best: Optional[str]) -> Tuple[Dict[str, Dict[str, Any]], List[s
     for name, s in out.items():  # mocov2-learnable-log is a round-one setting already: the same run
         assert RUNS.get(name, s) == s, f"{name}: derived differently from the RUNS entry of that name"
     return out, notes
+
+
+# each objective's own constant, the reference of a derived run (simclr-dcl-<mode>, mocov2-<mode>)
+OBJECTIVE_REFERENCE = {"simclr-dcl-": "simclr-dcl-fixed-0.2", "mocov2-": "mocov2-fixed-0.2"}
+
+
+def objective_pairs(best: Optional[str]) -> List[Tuple[str, str]]:
+    """Part B's comparisons: the best learned mode against fixed τ = 0.2 under each objective it runs with, its
+    own (``simclr-<mode>`` vs simclr-fixed-0.2) and the derived ones (``simclr-dcl-<mode>`` vs
+    simclr-dcl-fixed-0.2, ``mocov2-<mode>`` vs mocov2-fixed-0.2): does what τ learns carry over?"""
+    if best is None:
+        return []
+    return [(best, REFERENCE), *[(name, next(ref for prefix, ref in OBJECTIVE_REFERENCE.items()
+                                             if name.startswith(prefix))) for name in derived_runs(best)[0]]]
 
 
 @dataclass
@@ -524,6 +538,8 @@ def write_results(args: argparse.Namespace, study: Plan, wall_s: float, wall_wha
     summary = summary_table(agg, diffs, main_keys, base) if any(a["seeds"] for a in agg) else ""
     best = vs_best_fixed(rows, agg, main_keys, LEARNED, FIXED_TAU)
     best_md = vs_best_fixed_table(best, main_keys)
+    by_objective = vs_references(rows, main_keys, objective_pairs(args.best_learned))
+    objective_md = vs_references_table(by_objective, main_keys)
     verdicts = mode_verdicts(agg, diffs, main_keys) if any(a["seeds"] for a in agg) else []
     selection = [rankme_line(agg)] if any(a["seeds"] for a in agg) else []
     ranking = learned_ranking_line(agg, LEARNED, (args.best_learned, args.second_learned))
@@ -545,6 +561,9 @@ def write_results(args: argparse.Namespace, study: Plan, wall_s: float, wall_wha
            *(["The project's question: each learned τ against the best fixed τ of each metric (the constant with the "
               "highest mean on that metric, picked on the same test set, which favours it), paired on the common seeds:",
               "", best_md, ""] if best_md else []),
+           *([f"Part B: {args.best_learned}, the best learned mode, against fixed τ = 0.2 under each objective "
+              "(SimCLR, DCL, MoCo v2; each paired with that objective's own constant on the common seeds):", "",
+              objective_md, ""] if objective_md else []),
            "Every figure:", ""] if summary else []),
         markdown_table(agg, base), "", *[f"- {n}" for n in [*notes, *selection, *([ranking] if ranking else [])]], "",
         *([f"Verdict per setting against {REFERENCE}: mean ± std over its seeds, and the paired difference on the "
@@ -562,6 +581,7 @@ def write_results(args: argparse.Namespace, study: Plan, wall_s: float, wall_wha
     (out / "results.json").write_text(json.dumps({"rows": rows, "aggregate": agg, "baselines": base, "verdict": notes,
                                                   "paired": diffs, "verdict_per_setting": verdicts, "summary_table": summary,
                                                   "vs_best_fixed": best, "vs_best_fixed_table": best_md,
+                                                  "by_objective": by_objective, "by_objective_table": objective_md,
                                                   "rankme": selection, "learned_ranking": ranking,
                                                   "ood": {"rows": ood_rows, "aggregate": ood_agg, "pixels": pix_ood},
                                                   "plan_notes": study.notes,

@@ -8,7 +8,7 @@ the label-free RankMe pick and where it ranks, and the OOD AUROCs of the held-ou
 from __future__ import annotations
 
 import statistics
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from simclr_tau.records.run_data import knn_label, knn_order
 from tau_sweep import LINEAR, RANKME, select_by_rankme  # the sweep's label-free pick, reused on the settings' means
@@ -235,14 +235,38 @@ def vs_best_fixed(rows: List[Dict[str, Any]], agg: List[Dict[str, Any]], keys: S
     """Each evaluated ``learned`` setting paired against the best fixed τ of each metric (:func:`best_fixed`):
     the entries of :func:`paired_differences`, with ``reference`` naming that fixed τ. Choosing the best constant
     on the same test set favours it, so a "better" here is conservative."""
+    order = [n for n in dict.fromkeys(r["run"] for r in rows) if n in learned]  # the study's order
     out = []
     for key in keys:
         ref = best_fixed(agg, key, fixed)
-        if ref is None:
-            continue
-        mine = [r for r in rows if r["run"] in learned or r["run"] == ref]
-        out += [{**d, "reference": ref} for d in paired_differences(mine, [key], reference=ref)]
+        if ref is not None:
+            out += vs_references(rows, [key], [(name, ref) for name in order])
     return out
+
+
+def vs_references(rows: List[Dict[str, Any]], keys: Sequence[str], pairs: Sequence[Tuple[str, str]]
+                  ) -> List[Dict[str, Any]]:
+    """Each ``(setting, reference)`` of ``pairs`` paired on the seeds both ran: the entries of
+    :func:`paired_differences` for that setting, with ``reference`` added (a setting without rows has none)."""
+    out = []
+    for name, ref in pairs:
+        mine = [r for r in rows if r["run"] in (name, ref)]
+        out += [{**d, "reference": ref} for d in paired_differences(mine, keys, reference=ref) if d["run"] == name]
+    return out
+
+
+def vs_references_table(diffs: List[Dict[str, Any]], keys: Sequence[str]) -> str:
+    """One row per (setting, reference) pair of :func:`vs_references`: the reference named in the row, then the
+    paired Δ of each metric, [95 % t-interval] verdict (seeds)."""
+    pairs = list(dict.fromkeys((d["run"], d["reference"]) for d in diffs if d["mean"] is not None))
+    if not pairs:
+        return ""
+    head = ["setting", "against", *[f"Δ {_label(k)} (seeds)" for k in keys]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, ref in pairs:
+        ds = {d["metric"]: d for d in diffs if (d["run"], d["reference"]) == (name, ref)}
+        lines.append("| " + " | ".join([name, ref, *[_seeded_cell(ds.get(k)) for k in keys]]) + " |")
+    return "\n".join(lines)
 
 
 def vs_best_fixed_table(diffs: List[Dict[str, Any]], keys: Sequence[str]) -> str:

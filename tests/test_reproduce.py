@@ -401,6 +401,31 @@ def test_report_names_the_rankme_pick_its_ranks_and_a_verdict_per_setting(tmp_pa
         "simclr-fixed-0.2": 42.0, "simclr-conditional": 52.0, "simclr-learnable-log": 40.0, "simclr-adaptive": None}
 
 
+def test_report_with_best_learned_has_the_part_b_table(tmp_path) -> None:
+    moco = {"simclr-fixed-0.2": FAKE["simclr-fixed-0.2"], "simclr-conditional": FAKE["simclr-conditional"],
+            "mocov2-fixed-0.2": ((83.0, 83.1, 83.2), (84.0, 84.0, 84.0), (30.0, 30.0, 30.0)),
+            "mocov2-conditional": ((83.5, 83.4, 83.8), (84.1, 84.2, 84.3), (30.0, 30.0, 30.0))}
+    for name, (knn, lin, rk) in moco.items():
+        for seed in (0, 1, 2):
+            _fake_run(tmp_path, f"{name}-s{seed}", {K20: knn[seed], K200: knn[seed] - 2, LIN: lin[seed]}, [rk[seed]])
+    mod = _module()
+    assert mod.main(["--preset", "cpu2", "--out", str(tmp_path), "--report-only", "--no-baselines", "--no-ood",
+                     "--best-learned", "simclr-conditional", "--only", *list(moco)[:3]]) == 0  # + its derived runs
+    md = (tmp_path / "results.md").read_text()
+    part_b = md.split("Part B: simclr-conditional, the best learned mode")[1].split("Every figure:")[0]
+    # MoCo v2: Δ kNN +0.5, +0.3, +0.6 against mocov2-fixed-0.2 (sd 0.153, t_2 = 4.303: ± 0.379); DCL: neither ran
+    assert ("| mocov2-conditional | mocov2-fixed-0.2 | +0.47 [+0.09, +0.85] better (seeds 0,1,2) | +0.20 [-0.05, "
+            "+0.45] no evidence (seeds 0,1,2) |") in part_b
+    assert "| simclr-conditional | simclr-fixed-0.2 | -0.10 [-0.35, +0.15] no evidence (seeds 0,1,2) |" in part_b
+    assert "simclr-dcl" not in part_b
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert {(d["run"], d["reference"]) for d in res["by_objective"] if d["mean"] is not None} == {
+        ("simclr-conditional", "simclr-fixed-0.2"), ("mocov2-conditional", "mocov2-fixed-0.2")}
+    assert mod.main(["--preset", "cpu2", "--out", str(tmp_path), "--report-only", "--no-baselines", "--no-ood",
+                     "--only", *list(moco)[:3]]) == 0  # without --best-learned: no part B
+    assert "Part B" not in (tmp_path / "results.md").read_text()
+
+
 def test_ood_record_reads_the_keys_the_ood_command_writes() -> None:
     import torch
 
@@ -549,6 +574,48 @@ def test_archive_keeps_the_small_files_and_restore_brings_back_only_missing_runs
     labels = [json.loads(line)["label"] for line in (fresh / "logs" / "timings.jsonl").read_text().splitlines()]
     assert labels == ["c-s0", "a-s0", "b-s0"]  # merged line by line, the machine's own first
     assert sa.restore(arch, fresh) == [] and sa.restore(tmp_path / "none", fresh) == []
+
+
+def test_part_b_pairs_the_best_learned_mode_with_each_objectives_own_fixed_tau() -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    import study_tables as st
+
+    mod = _module()
+    assert mod.objective_pairs(None) == []
+    assert mod.objective_pairs("simclr-learnable-log-bounded") == [
+        ("simclr-learnable-log-bounded", "simclr-fixed-0.2"),
+        ("simclr-dcl-learnable-log-bounded", "simclr-dcl-fixed-0.2"),
+        ("mocov2-learnable-log-bounded", "mocov2-fixed-0.2")]
+    assert mod.objective_pairs("simclr-dro-per-sample") == [  # a dro mode has no DCL variant
+        ("simclr-dro-per-sample", "simclr-fixed-0.2"), ("mocov2-dro-per-sample", "mocov2-fixed-0.2")]
+    K, LIN = "knn/top1_k20_t0.07", "linear/test_top1"
+    figures = {  # setting: (kNN per seed, linear per seed)
+        "simclr-fixed-0.2": ((86.3, 86.3, 86.3), (88.7, 88.7, 88.7)),
+        "simclr-learnable-log-bounded": ((86.7, 86.8, 86.6), (88.5, 88.5, 88.5)),
+        "simclr-dcl-fixed-0.2": ((86.4, 86.5, 86.6), (88.8, 88.9, 89.0)),
+        "simclr-dcl-learnable-log-bounded": ((86.4, 86.4, 86.4), (88.8, 88.8, 88.8)),
+        "mocov2-fixed-0.2": ((85.2, 85.3, 85.4), (87.2, 87.2, 87.2)),
+        "mocov2-learnable-log-bounded": ((86.0, 86.2), (87.0, 87.1)),  # seed 2 not run yet
+    }
+    rows = [{"run": name, "seed": s, K: knn[s], LIN: lin[s]} for name, (knn, lin) in figures.items()
+            for s in range(len(knn))]
+    diffs = st.vs_references(rows, [K, LIN], mod.objective_pairs("simclr-learnable-log-bounded"))
+    d = {(e["run"], e["metric"]): e for e in diffs}
+    assert {e["reference"] for e in diffs if e["run"].startswith("mocov2-")} == {"mocov2-fixed-0.2"}
+    simclr = d[("simclr-learnable-log-bounded", K)]  # Δ 0.4, 0.5, 0.3 against simclr-fixed-0.2, not DCL's
+    assert math.isclose(simclr["mean"], 0.4) and simclr["verdict"] == "better"
+    assert math.isclose(simclr["hi"], 0.4 + 4.303 * 0.1 / 3 ** 0.5)
+    dcl = d[("simclr-dcl-learnable-log-bounded", K)]  # Δ 0, -0.1, -0.2 against DCL's own fixed 0.2
+    assert math.isclose(dcl["mean"], -0.1) and dcl["verdict"] == "no evidence" and dcl["seeds"] == [0, 1, 2]
+    moco = d[("mocov2-learnable-log-bounded", K)]  # Δ 0.8, 0.9 on seeds 0, 1: t_1 = 12.706
+    assert moco["seeds"] == [0, 1] and math.isclose(moco["lo"], 0.85 - 12.706 * statistics.stdev([0.8, 0.9]) / 2 ** 0.5)
+    table = st.vs_references_table(diffs, [K, LIN])
+    assert table.splitlines()[0] == "| setting | against | Δ kNN k=20 T=0.07 (seeds) | Δ linear probe (seeds) |"
+    assert table.splitlines()[3] == ("| simclr-dcl-learnable-log-bounded | simclr-dcl-fixed-0.2 | -0.10 [-0.35, +0.15] "
+                                     "no evidence (seeds 0,1,2) | -0.10 [-0.35, +0.15] no evidence (seeds 0,1,2) |")
+    rows = [r for r in rows if not r["run"].startswith("mocov2-learnable")]  # not started: no row
+    assert len(st.vs_references_table(st.vs_references(rows, [K, LIN], mod.objective_pairs(
+        "simclr-learnable-log-bounded")), [K, LIN]).splitlines()) == 4
 
 
 def test_learned_taus_are_paired_against_the_best_fixed_tau_of_each_metric() -> None:

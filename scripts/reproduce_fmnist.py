@@ -368,8 +368,19 @@ def complete(job: Job) -> bool:
     return not pending_steps(job.steps)
 
 
-def reference_job(jobs: List[Job]) -> Optional[Job]:
-    """The run whose architecture the random-init baseline uses (the first SimCLR run)."""
+def reference_job(args: argparse.Namespace, jobs: List[Job]) -> Optional[Job]:
+    """The run whose directory holds the random-init baseline (its config.yaml gives the architecture, the
+    baseline's json files go into its eval/): the reference setting's first seed, when this invocation plans it
+    or an earlier one left its directory (so that a study run in parts, ``--only`` by ``--only``, evaluates the
+    baseline once and keeps it in one place); else the first SimCLR run."""
+    planned = [j for j in jobs if j.name == REFERENCE]
+    if planned:
+        return min(planned, key=lambda j: j.seed)
+    prefix = f"{REFERENCE}-s"
+    earlier = sorted(int(d.name[len(prefix):]) for d in Path(args.out).glob(f"{prefix}*")
+                     if d.name[len(prefix):].isdigit() and (d / "config.yaml").is_file())
+    if earlier:
+        return Job(REFERENCE, earlier[0], Path(args.out) / f"{prefix}{earlier[0]}")
     return next((j for j in jobs if j.method == "simclr"), None)
 
 
@@ -385,7 +396,7 @@ def baseline_steps(args: argparse.Namespace, jobs: List[Job]) -> Tuple[List[Step
         pix_ood, classes = pixel_ood_dir(args), ",".join(map(str, PRESETS[args.preset]["ood"]["classes"]))
         pixels.append(Step(python_cmd("ood", "pixels", "--config", config, f"data.classes=[{classes}]", *args.overrides,
                                       "--out", str(pix_ood), "--no-progress"), pix_ood / "ood.json"))
-    ref = reference_job(jobs)
+    ref = reference_job(args, jobs)
     random_init = [] if ref is None else [
         Step(python_cmd(sub, str(ref.run_dir), "--random-init", "--no-progress"),
              ref.run_dir / "eval" / f"{sub}_random_init.json") for sub in ("knn", "linear")]
@@ -498,7 +509,7 @@ def baseline_rows(args: argparse.Namespace, jobs: List[Job]) -> List[Dict[str, A
         if (pix / name).is_file():
             metrics.update(json.loads((pix / name).read_text())["metrics"])
     rows = [{"run": "raw pixels", **metrics}]
-    ref = reference_job(jobs)
+    ref = reference_job(args, jobs)
     if ref is not None and (ref.run_dir / "summary.json").is_file():
         final = load_run_dir(ref.run_dir).final
         rows.append({"run": "random-init encoder",
@@ -649,7 +660,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             futures.append(pool.submit(pipeline, "baselines", pixel_steps, []))
         ok = [f.result() for f in futures]
     if random_steps:  # after the pool: they need the reference run's directory
-        ok.append(pipeline("baselines", random_steps, [reference_job(jobs).label]))
+        ok.append(pipeline("baselines", random_steps, [reference_job(args, jobs).label]))
     finished = [j for j in jobs if evaluated(j)]
     if finished:
         ok.append(run_steps("compare", [compare_step(args, finished)], logs, env))

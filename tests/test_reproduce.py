@@ -258,6 +258,27 @@ def test_cpu2_plans_round_two_on_the_new_network_with_five_seeds_for_fixed_0_2(t
     assert [j.seed for j in mod.schedule(study.jobs)][:len(ROUND2)] == [0] * len(ROUND2)
 
 
+def test_random_init_baseline_stays_with_the_reference_run_across_partial_invocations(tmp_path) -> None:
+    mod = _module()
+
+    def ref_dir(*argv):
+        args = mod.parse_args(["--preset", "cpu2", "--out", str(tmp_path), *argv])
+        study = mod.plan(args)
+        _, random_init = mod.baseline_steps(args, study.jobs)
+        assert {s.output.parent.parent for s in random_init} == {mod.reference_job(args, study.jobs).run_dir}
+        return mod.reference_job(args, study.jobs).run_dir.name
+
+    assert ref_dir("--only", "simclr-fixed-0.2", "simclr-conditional", "--seeds", "2", "1") == "simclr-fixed-0.2-s1"
+    # a part of the study without the reference, and no reference run on disk yet: its first SimCLR run
+    assert ref_dir("--only", "mocov2-fixed-0.2", "simclr-conditional") == "simclr-conditional-s0"
+    for name in ("simclr-fixed-0.2-outbn-s0", "simclr-fixed-0.2-s3", "simclr-fixed-0.2-s1"):  # not -outbn
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("{}")
+    (tmp_path / "simclr-fixed-0.2-s0").mkdir()  # started? no config.yaml yet: not a run directory
+    assert ref_dir("--only", "mocov2-fixed-0.2", "simclr-conditional") == "simclr-fixed-0.2-s1"  # an earlier one's
+    assert ref_dir("--only", "simclr-fixed-0.2", "simclr-conditional") == "simclr-fixed-0.2-s0"  # planned: first seed
+
+
 def test_cpu2_ood_block_pretrains_on_eight_classes_then_scores_each_run(tmp_path) -> None:
     mod = _module()
     study = _plan(mod, tmp_path)

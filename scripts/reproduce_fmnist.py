@@ -55,9 +55,9 @@ cpu2: runs/fmnist-study2): ``<run>-s<seed>/`` run directories, ``logs/`` (with `
 of every step), ``baselines/``, ``compare/`` (plots, report.html), ``plots/`` (one line or band per setting:
 kNN vs epoch over the seeds, τ vs step, the paired differences; scripts/study_plots.py), ``results.md`` and
 ``results.json``.
-results.md: the table, the verdict per mode against fixed 0.2 (paired 95 % t-intervals), the setting RankMe
-would have picked and where it ranks, the learned modes ranked (for ``--best-learned``), τ statistics, and
-the OOD table.
+results.md, over every evaluated run in the study directory whichever invocation ran it: the table, the verdict
+per mode against fixed 0.2 (paired 95 % t-intervals), the setting RankMe would have picked and where it ranks,
+the learned modes ranked (for ``--best-learned``), τ statistics, and the OOD table.
 """
 
 from __future__ import annotations
@@ -351,6 +351,29 @@ def plan(args: argparse.Namespace) -> Plan:
     return Plan(jobs, ood_jobs, notes)
 
 
+def with_earlier_runs(args: argparse.Namespace, study: Plan) -> Plan:
+    """``study`` plus the evaluated runs that an earlier invocation left in the study directory and this one does
+    not plan (another ``--only``, other seeds, the OOD block under ``--no-ood``), so that the report is the
+    study's whichever part of it this invocation ran. They follow the planned runs, setting by setting in the
+    order of :data:`RUNS` (then the derived settings), seed by seed. A run counts once its kNN evaluation (an
+    OOD run: its ``ood.json``) is written: one still training in another invocation stays out."""
+    out = Path(args.out)
+    known = {**RUNS, **{n: s for best in LEARNED for n, s in derived_runs(best)[0].items()}}
+    ood_settings = PRESETS[args.preset].get("ood", {}).get("settings", [])
+    planned = {j.run_dir for j in study.jobs + study.ood_jobs}
+    found: List[Tuple[bool, Job]] = []
+    for d in sorted(out.iterdir()) if out.is_dir() else []:
+        ood = d.name.startswith("ood-")
+        name, sep, seed = d.name.removeprefix("ood-").rpartition("-s")
+        if (not sep or not seed.isdigit() or d in planned or name not in (ood_settings if ood else known)
+                or not (d / "eval" / ("ood.json" if ood else "knn.json")).is_file()):
+            continue
+        found.append((ood, Job(name, int(seed), d, known[name]["method"])))
+    found.sort(key=lambda f: (list(known).index(f[1].name), f[1].seed))
+    return Plan([*study.jobs, *[j for ood, j in found if not ood]], [*study.ood_jobs, *[j for ood, j in found if ood]],
+                study.notes)
+
+
 def schedule(jobs: List[Job]) -> List[Job]:
     """The order the pool starts ``jobs`` in: seed by seed (in the order the seeds were given), so that every
     setting's first seed finishes before any setting's second — an interrupted study holds paired results."""
@@ -539,6 +562,7 @@ def machine() -> str:
 def write_results(args: argparse.Namespace, study: Plan, wall_s: float, wall_what: str = "wall time of this invocation"
                   ) -> str:
     seconds = step_seconds(Path(args.out))
+    study = with_earlier_runs(args, study)
     jobs = study.jobs
     rows = [run_row(j, seconds) for j in jobs]
     agg, base = aggregate(rows), ([] if args.no_baselines else baseline_rows(args, jobs))
@@ -632,7 +656,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(note, flush=True)
     t0 = time.time()
     if args.report_only:
-        finished = [j for j in jobs if evaluated(j)]
+        finished = [j for j in with_earlier_runs(args, study).jobs if evaluated(j)]
         ok = run_steps("compare", [compare_step(args, finished)], logs, subprocess_env()) if finished else True
         wall = sum(step_seconds(Path(args.out)).values())  # a rebuilt report has no wall clock of its own
         md = write_results(args, study, wall, "sum of the recorded step times; steps ran --jobs at a time")
@@ -661,7 +685,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ok = [f.result() for f in futures]
     if random_steps:  # after the pool: they need the reference run's directory
         ok.append(pipeline("baselines", random_steps, [reference_job(args, jobs).label]))
-    finished = [j for j in jobs if evaluated(j)]
+    finished = [j for j in with_earlier_runs(args, study).jobs if evaluated(j)]
     if finished:
         ok.append(run_steps("compare", [compare_step(args, finished)], logs, env))
     md = write_results(args, study, time.time() - t0)

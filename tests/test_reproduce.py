@@ -447,6 +447,34 @@ def test_report_with_best_learned_has_the_part_b_table(tmp_path) -> None:
     assert "Part B" not in (tmp_path / "results.md").read_text()
 
 
+def test_report_covers_every_evaluated_run_whichever_invocation_ran_it(tmp_path) -> None:
+    for name, (knn, lin, rk) in FAKE.items():
+        for seed in (0, 1, 2):
+            _fake_run(tmp_path, f"{name}-s{seed}", {K20: knn[seed], K200: knn[seed] - 2, LIN: lin[seed]}, [rk[seed]])
+            (tmp_path / f"{name}-s{seed}" / "eval").mkdir()
+            (tmp_path / f"{name}-s{seed}" / "eval" / "knn.json").write_text("{}")  # what counts as evaluated
+    (tmp_path / "simclr-fixed-0.5-s0").mkdir()  # still training in another invocation: no eval/knn.json
+    (tmp_path / "simclr-fixed-0.5-s0" / "summary.json").write_text(json.dumps({"run_name": "x", K20: 1.0}))
+    (tmp_path / "my-notes-s1").mkdir()  # not a setting of the study
+    _fake_ood(tmp_path / "ood-simclr-conditional-s0" / "eval", 0.6, 0.9, 0.6)
+    mod = _module()
+    # this invocation's part: fixed 0.2 seed 0 only, without the OOD block
+    assert mod.main(["--preset", "cpu2", "--out", str(tmp_path), "--report-only", "--no-baselines", "--no-ood",
+                     "--only", "simclr-fixed-0.2", "--seeds", "0", "--spread-seeds"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["run"], r["seed"]) for r in res["rows"]] == [  # planned first, then the rest in RUNS order
+        ("simclr-fixed-0.2", 0), ("simclr-fixed-0.2", 1), ("simclr-fixed-0.2", 2), ("simclr-learnable-log", 0),
+        ("simclr-learnable-log", 1), ("simclr-learnable-log", 2), ("simclr-conditional", 0),
+        ("simclr-conditional", 1), ("simclr-conditional", 2)]
+    md = (tmp_path / "results.md").read_text()
+    assert ("| simclr-conditional | 0,1,2 | 84.10 ± 0.26 | -0.10 [-0.35, +0.15] | 85.50 ± 0.10 | +0.30 [+0.05, +0.55] "
+            "| no evidence / better | – |\n") in md  # paired on all three seeds of the reference, not only seed 0
+    assert "simclr-fixed-0.5" not in md and "my-notes" not in md
+    assert [r["run"] for r in res["ood"]["rows"]] == ["simclr-conditional"] and "| simclr-conditional | 0 | 0.600 |" in md
+    compare = (tmp_path / "logs" / "compare.log").read_text()  # the comparison got every evaluated run too
+    assert "simclr-conditional-s2" in compare and "simclr-fixed-0.5-s0" not in compare
+
+
 def test_ood_record_reads_the_keys_the_ood_command_writes() -> None:
     import torch
 

@@ -361,17 +361,17 @@ def with_earlier_runs(args: argparse.Namespace, study: Plan) -> Plan:
     known = {**RUNS, **{n: s for best in LEARNED for n, s in derived_runs(best)[0].items()}}
     ood_settings = PRESETS[args.preset].get("ood", {}).get("settings", [])
     planned = {j.run_dir for j in study.jobs + study.ood_jobs}
-    found: List[Tuple[bool, Job]] = []
+    found: Dict[bool, List[Job]] = {False: [], True: []}  # by: is an OOD run
     for d in sorted(out.iterdir()) if out.is_dir() else []:
         ood = d.name.startswith("ood-")
         name, sep, seed = d.name.removeprefix("ood-").rpartition("-s")
-        if (not sep or not seed.isdigit() or d in planned or name not in (ood_settings if ood else known)
-                or not (d / "eval" / ("ood.json" if ood else "knn.json")).is_file()):
-            continue
-        found.append((ood, Job(name, int(seed), d, known[name]["method"])))
-    found.sort(key=lambda f: (list(known).index(f[1].name), f[1].seed))
-    return Plan([*study.jobs, *[j for ood, j in found if not ood]], [*study.ood_jobs, *[j for ood, j in found if ood]],
-                study.notes)
+        if (sep and seed.isdigit() and d not in planned and name in (ood_settings if ood else known)
+                and (d / "eval" / ("ood.json" if ood else "knn.json")).is_file()):
+            found[ood].append(Job(name, int(seed), d, known[name]["method"]))
+    order = list(known)
+    for jobs in found.values():
+        jobs.sort(key=lambda j: (order.index(j.name), j.seed))
+    return Plan([*study.jobs, *found[False]], [*study.ood_jobs, *found[True]], study.notes)
 
 
 def schedule(jobs: List[Job]) -> List[Job]:
@@ -561,8 +561,8 @@ def machine() -> str:
 
 def write_results(args: argparse.Namespace, study: Plan, wall_s: float, wall_what: str = "wall time of this invocation"
                   ) -> str:
+    """results.md / results.json over ``study``'s runs (in :func:`main`: :func:`with_earlier_runs` of the plan)."""
     seconds = step_seconds(Path(args.out))
-    study = with_earlier_runs(args, study)
     jobs = study.jobs
     rows = [run_row(j, seconds) for j in jobs]
     agg, base = aggregate(rows), ([] if args.no_baselines else baseline_rows(args, jobs))
@@ -656,10 +656,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(note, flush=True)
     t0 = time.time()
     if args.report_only:
-        finished = [j for j in with_earlier_runs(args, study).jobs if evaluated(j)]
+        report = with_earlier_runs(args, study)
+        finished = [j for j in report.jobs if evaluated(j)]
         ok = run_steps("compare", [compare_step(args, finished)], logs, subprocess_env()) if finished else True
         wall = sum(step_seconds(Path(args.out)).values())  # a rebuilt report has no wall clock of its own
-        md = write_results(args, study, wall, "sum of the recorded step times; steps ran --jobs at a time")
+        md = write_results(args, report, wall, "sum of the recorded step times; steps ran --jobs at a time")
         if archive_dir is not None:  # what finished meanwhile (a study running beside this one) is archived too
             archive(out, archive_dir, [j.label for j in jobs + ood_jobs if complete(j)])
         print("\n" + md, flush=True)
@@ -685,10 +686,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ok = [f.result() for f in futures]
     if random_steps:  # after the pool: they need the reference run's directory
         ok.append(pipeline("baselines", random_steps, [reference_job(args, jobs).label]))
-    finished = [j for j in with_earlier_runs(args, study).jobs if evaluated(j)]
+    report = with_earlier_runs(args, study)  # after the pool: what finished meanwhile elsewhere counts too
+    finished = [j for j in report.jobs if evaluated(j)]
     if finished:
         ok.append(run_steps("compare", [compare_step(args, finished)], logs, env))
-    md = write_results(args, study, time.time() - t0)
+    md = write_results(args, report, time.time() - t0)
     if archive_dir is not None:
         archive(out, archive_dir, [j.label for j in jobs + ood_jobs if complete(j)])
     print("\n" + md, flush=True)

@@ -1,6 +1,6 @@
 #!/bin/bash
 # one longer run: the study's outbn recipe row (fixed 0.2 + output BN), 24 epochs instead of 6, seed 0
-cd /work/main
+cd "$(dirname "$0")/../../../.."   # the repository root
 export OMP_NUM_THREADS=1
 N=simclr-fixed-0.2-outbn-24ep-s0
 P=.venv/bin/python

@@ -5,7 +5,7 @@ same run records and draw
 
 1. ``knn_vs_epoch.png``: the online kNN top-1 per setting, mean over its seeds with the min–max band (or ±1
    sample std) over the seeds, seeds aligned by epoch; one panel per family of settings (:func:`setting_group`),
-   the reference (fixed τ = 0.2) and the raw-pixel kNN in every panel;
+   the reference (fixed τ = 0.2, or a preset's own) and the raw-pixel kNN in every panel;
 2. ``tau_vs_step.png``: τ of every setting whose τ moves, from its lowest seed (a per-sample τ's quantile band
    is one run's table of τ_i: a median of quantiles over seeds would be the quantile of no run);
 3. ``paired_differences.png``: the paired difference of each setting to the reference with its 95 % t-interval,
@@ -272,7 +272,7 @@ def _plain_log_ticks(ax: Any) -> None:
 
 
 def plot_tau_curves(curves: Sequence[TauCurve], groups: Mapping[str, str], path: Path,
-                    reference_tau: Optional[float] = 0.2) -> Optional[Path]:
+                    reference_tau: Optional[float] = 0.2, reference: str = REFERENCE) -> Optional[Path]:
     """Small multiples of :func:`tau_curves`, one panel per family, each on a log axis when its values span
     more than a decade (:func:`tau_axis_scale`); the reference's fixed τ as a dashed black line. None if no
     setting's τ moves."""
@@ -293,7 +293,7 @@ def plot_tau_curves(curves: Sequence[TauCurve], groups: Mapping[str, str], path:
                 values += c.lo + c.hi
         if reference_tau is not None:
             ax.axhline(reference_tau, color=REFERENCE_COLOR, linestyle="--", linewidth=1.0, zorder=1,
-                       label=f"τ = {reference_tau:g} (the reference {REFERENCE})")
+                       label=f"τ = {reference_tau:g} (the reference {reference})")
         scale = tau_axis_scale(values)
         ax.set_yscale(scale)
         if scale == "log":
@@ -406,11 +406,12 @@ def load_study_runs(entries: Iterable[Tuple[str, int, Path]]) -> Dict[str, Dict[
 
 
 def write_study_plots(runs: Runs, diffs: Sequence[Mapping[str, Any]], metrics: Sequence[str], out: Path,
-                      pixels: Optional[Mapping[str, Any]] = None, spread: str = "minmax"
-                      ) -> Tuple[List[Path], List[str]]:
+                      pixels: Optional[Mapping[str, Any]] = None, spread: str = "minmax",
+                      reference: str = REFERENCE) -> Tuple[List[Path], List[str]]:
     """The three figures of the module docstring into ``out``: (the PNGs written, a reason for each skipped one).
     ``pixels``: the raw-pixel baseline's metrics (its ``knn/top1_k20_t0.07`` is drawn under the online
-    ``online_knn/top1_k20_t0.07`` curves); ``metrics``: the panels of the forest plot."""
+    ``online_knn/top1_k20_t0.07`` curves); ``metrics``: the panels of the forest plot; ``reference``: the setting
+    ``diffs`` pairs against (black in every panel)."""
     out.mkdir(parents=True, exist_ok=True)
     groups = groups_of(runs)
     order = [n for _, names in _panels(list(runs), groups) for n in names]
@@ -423,13 +424,14 @@ def write_study_plots(runs: Runs, diffs: Sequence[Mapping[str, Any]], metrics: S
             "whole training set" if len(bank) == 1 and None not in bank and pixels is not None else "")
     figures = [
         ("kNN vs epoch", lambda: key and plot_knn_bands(knn_bands(runs, key, spread), groups, out / "knn_vs_epoch.png",
-                                                        key, spread, pixels=pixels, note=note),
+                                                        key, spread, reference, pixels=pixels, note=note),
          "no online kNN rows in any run (pretrain with eval.online_knn_every=1)"),
-        ("τ vs step", lambda: plot_tau_curves(tau_curves(runs), groups, out / "tau_vs_step.png"),
+        ("τ vs step", lambda: plot_tau_curves(tau_curves(runs), groups, out / "tau_vs_step.png",
+                                              reference=reference),
          "no setting's τ moves (all fixed, or no τ logged)"),
         ("paired differences", lambda: plot_paired_forest(diffs, metrics, out / "paired_differences.png", order,
-                                                                groups),
-         f"no setting shares a seed with {REFERENCE}"),
+                                                                groups, reference),
+         f"no setting shares a seed with {reference}"),
     ]
     for title, draw, why_not in figures:
         path = draw()

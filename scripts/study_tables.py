@@ -137,7 +137,8 @@ def paired_differences(rows: List[Dict[str, Any]], keys: Sequence[str], referenc
         for key in keys:
             on = [s for s in seeds if mine[s].get(key) is not None and ref[s].get(key) is not None]  # this metric's
             d = [mine[s][key] - ref[s][key] for s in on]  # seeds: a run whose linear probe is pending lacks that seed
-            entry = {"run": name, "metric": key, "seeds": on, "n": len(d), "mean": statistics.fmean(d) if d else None}
+            entry = {"run": name, "reference": reference, "metric": key, "seeds": on, "n": len(d),
+                     "mean": statistics.fmean(d) if d else None}
             if len(d) >= 2:
                 sd = statistics.stdev(d)
                 half = t975(len(d) - 1) * sd / len(d) ** 0.5

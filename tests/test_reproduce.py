@@ -258,6 +258,49 @@ def test_cpu2_plans_round_two_on_the_new_network_with_five_seeds_for_fixed_0_2(t
     assert [j.seed for j in mod.schedule(study.jobs)][:len(ROUND2)] == [0] * len(ROUND2)
 
 
+def test_cpu2_long_runs_the_recipe_row_and_the_bounded_learned_tau_at_24_epochs_paired_on_the_recipe(tmp_path) -> None:
+    mod = _module()
+    args = mod.parse_args(["--preset", "cpu2-long", "--out", str(tmp_path), "train.max_steps=3"])
+    assert args.reference == "simclr-fixed-0.2-outbn" and not args.ood
+    study = mod.plan(args)
+    assert _seeds(study.jobs) == {"simclr-fixed-0.2-outbn": [0, 1, 2], "simclr-learnable-log-bounded-outbn": [0, 1, 2]}
+    for job in study.jobs:
+        cfg = _config(job)
+        # only τ differs between the two settings: the same head (output BN), network and budget
+        assert _temperature(cfg) == {"simclr-fixed-0.2-outbn": ROUND2["simclr-fixed-0.2"],
+                                     "simclr-learnable-log-bounded-outbn": ROUND2["simclr-learnable-log-bounded"]}[
+            job.name], job.name
+        assert cfg.model.proj_out_bn == "affine" and cfg.model.backbone == "resnet10t"
+        assert (cfg.train.epochs, cfg.eval.online_knn_every) == (24, 4)
+        assert cfg.train.max_steps == 3  # the command line's overrides follow the preset's
+    # the random-init baseline sits with the preset's reference, not with a simclr-fixed-0.2 run
+    assert mod.reference_job(args, study.jobs).run_dir == tmp_path / "simclr-fixed-0.2-outbn-s0"
+    # the default presets keep fixed 0.2 as their reference and add no overrides
+    cpu2 = mod.parse_args(["--preset", "cpu2", "train.epochs=1"])
+    assert (cpu2.reference, cpu2.overrides) == ("simclr-fixed-0.2", ["train.epochs=1"])
+
+
+def test_cpu2_long_report_pairs_every_setting_against_the_recipe_row(tmp_path) -> None:
+    runs = {"simclr-fixed-0.2-outbn": ((87.5, 87.8, 87.4), (89.7, 89.8, 89.2)),
+            "simclr-learnable-log-bounded-outbn": ((87.9, 88.0, 87.6), (89.5, 89.9, 89.1))}
+    for name, (knn, lin) in runs.items():
+        for seed in (0, 1, 2):
+            _fake_run(tmp_path, f"{name}-s{seed}", {K20: knn[seed], K200: knn[seed] - 2, LIN: lin[seed]}, [40.0])
+    mod = _module()
+    assert mod.main(["--preset", "cpu2-long", "--out", str(tmp_path), "--report-only", "--no-baselines"]) == 0
+    md = (tmp_path / "results.md").read_text()
+    # Δ kNN +0.4, +0.2, +0.2 (sd 0.115, t_2 = 4.303: ± 0.287); Δ linear -0.2, +0.1, -0.1 (sd 0.153: ± 0.379)
+    assert ("| simclr-learnable-log-bounded-outbn | 0,1,2 | 87.83 ± 0.21 | +0.27 [-0.02, +0.55] | 89.50 ± 0.40 | "
+            "-0.07 [-0.45, +0.31] | no evidence | – |") in md
+    assert "| simclr-fixed-0.2-outbn | 0,1,2 | 87.57 ± 0.21 | ref. | 89.57 ± 0.32 | ref. | ref. |" in md
+    assert "The answer: each setting against simclr-fixed-0.2-outbn, paired" in md
+    assert "- simclr-fixed-0.2-outbn (the reference; seeds 0,1,2)" in md
+    assert "no simclr-fixed-0.2 run" not in md
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert {d["reference"] for d in res["paired"]} == {"simclr-fixed-0.2-outbn"}
+    assert {"plots/knn_vs_epoch.png", "plots/paired_differences.png"} <= set(res["plots"])
+
+
 def test_random_init_baseline_stays_with_the_reference_run_across_partial_invocations(tmp_path) -> None:
     mod = _module()
 

@@ -103,7 +103,7 @@ def test_setting_group_sorts_every_study_setting_into_its_family() -> None:
                         "simclr-dro-per-sample-rho1", "simclr-dro-per-sample-sogclr-rho1", "simclr-conditional-dro"],
         sp.SCHEDULED: ["simclr-cosine", "simclr-adaptive"],
         sp.OTHER: ["simclr-dcl-fixed-0.2", "mocov2-fixed-0.2", "mocov2-learnable-log", "simclr-dcl-conditional",
-                   "mocov2-conditional", "simclr-fixed-0.2-outbn"],
+                   "mocov2-conditional", "simclr-fixed-0.2-outbn", "simclr-learnable-log-bounded-outbn"],
     }
     assert sorted(n for names in expected.values() for n in names) == sorted(specs)
     for group, names in expected.items():

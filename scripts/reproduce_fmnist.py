@@ -237,13 +237,14 @@ def derived_runs(best: Optional[str]) -> Tuple[Dict[str, Dict[str, Any]], List[s
 OBJECTIVE_REFERENCE = {"simclr-dcl-": "simclr-dcl-fixed-0.2", "mocov2-": "mocov2-fixed-0.2"}
 
 
-def objective_pairs(best: Optional[str]) -> List[Tuple[str, str]]:
+def objective_pairs(best: Optional[str], reference: str = REFERENCE) -> List[Tuple[str, str]]:
     """Part B's comparisons: the best learned mode against fixed τ = 0.2 under each objective it runs with, its
-    own (``simclr-<mode>`` vs simclr-fixed-0.2) and the derived ones (``simclr-dcl-<mode>`` vs
-    simclr-dcl-fixed-0.2, ``mocov2-<mode>`` vs mocov2-fixed-0.2): does what τ learns carry over?"""
+    own (``simclr-<mode>`` vs ``reference``, the preset's: simclr-fixed-0.2 but for cpu2-long) and the derived
+    ones (``simclr-dcl-<mode>`` vs simclr-dcl-fixed-0.2, ``mocov2-<mode>`` vs mocov2-fixed-0.2): does what τ
+    learns carry over?"""
     if best is None:
         return []
-    return [(best, REFERENCE), *[(name, next(ref for prefix, ref in OBJECTIVE_REFERENCE.items()
+    return [(best, reference), *[(name, next(ref for prefix, ref in OBJECTIVE_REFERENCE.items()
                                              if name.startswith(prefix))) for name in derived_runs(best)[0]]]
 
 
@@ -596,7 +597,7 @@ def write_results(args: argparse.Namespace, study: Plan, wall_s: float, wall_wha
     summary = summary_table(agg, diffs, main_keys, base, args.reference) if any(a["seeds"] for a in agg) else ""
     best = vs_best_fixed(rows, agg, main_keys, LEARNED, FIXED_TAU)
     best_md = vs_best_fixed_table(best, main_keys)
-    by_objective = vs_references(rows, main_keys, objective_pairs(args.best_learned))
+    by_objective = vs_references(rows, main_keys, objective_pairs(args.best_learned, args.reference))
     objective_md = vs_references_table(by_objective, main_keys)
     verdicts = mode_verdicts(agg, diffs, main_keys, args.reference) if any(a["seeds"] for a in agg) else []
     selection = [rankme_line(agg)] if any(a["seeds"] for a in agg) else []

@@ -680,6 +680,9 @@ def test_part_b_pairs_the_best_learned_mode_with_each_objectives_own_fixed_tau()
         ("mocov2-learnable-log-bounded", "mocov2-fixed-0.2")]
     assert mod.objective_pairs("simclr-dro-per-sample") == [  # a dro mode has no DCL variant
         ("simclr-dro-per-sample", "simclr-fixed-0.2"), ("mocov2-dro-per-sample", "mocov2-fixed-0.2")]
+    # the preset's reference (cpu2-long: the recipe row) for the mode's own pair; each objective keeps its own
+    assert mod.objective_pairs("simclr-learnable-log-bounded-outbn", "simclr-fixed-0.2-outbn")[0] == (
+        "simclr-learnable-log-bounded-outbn", "simclr-fixed-0.2-outbn")
     K, LIN = "knn/top1_k20_t0.07", "linear/test_top1"
     figures = {  # setting: (kNN per seed, linear per seed)
         "simclr-fixed-0.2": ((86.3, 86.3, 86.3), (88.7, 88.7, 88.7)),

@@ -235,6 +235,19 @@ def test_plot_paired_forest_draws_each_interval_and_a_single_seed_without_one(tm
     assert sp.plot_paired_forest([d for d in diffs if d["run"] == "late"], [K20], tmp_path / "n.png") is None
 
 
+def test_plot_paired_forest_names_a_setting_missing_from_one_panel_only_for_that_panel(tmp_path, figures) -> None:
+    # a report built mid-run: "half" has its kNN on seeds 0, 1 but no linear probe yet
+    rows = _rows() + [{"run": "half", "seed": s, K20: 81.0 + s, LIN: None} for s in (0, 1)]
+    path = sp.plot_paired_forest(paired_differences(rows, [K20, LIN]), [K20, LIN], tmp_path / "f.png")
+    assert _png(path)
+    knn, lin = [ax for ax in figures[0].axes if ax.get_visible()]
+    assert "half" in [t.get_text() for t in knn.get_yticklabels()]
+    title = figures[0]._suptitle.get_text().replace("\n", " ")
+    assert "not drawn, no seed in common with the reference: late" in title  # in no panel
+    assert "not drawn in one panel, no common seed with that metric yet: linear probe: half" in title
+    assert "reference: half" not in title and "late, half" not in title
+
+
 def test_write_study_plots_writes_the_three_figures_or_says_why_not(tmp_path) -> None:
     runs = {"simclr-fixed-0.2": {s: _run(f"r{s}", {1.0: 80.0 + s, 2.0: 81.0}) for s in (0, 1)},
             "simclr-learnable-log": {0: _run("l", {1.0: 82.0}, {"temperature.mode": "learnable"},

@@ -9,7 +9,8 @@
         --second-learned simclr-dro-per-sample                      # ... then DCL / MoCo v2 with the best learned
                                                                     # mode, 5 seeds for the best two
     python scripts/reproduce_fmnist.py --preset cpu2-long           # 24 epochs: the recipe row vs the bounded
-                                                                    # learned τ on its head, seeds 0-2, ~1.5 h
+                                                                    # learned τ on its head, seeds 0-2: 6 runs of
+                                                                    # 38-74 min (machine-dependent), 2 at a time
     python scripts/reproduce_fmnist.py --preset cpu --dry-run       # print every command, run nothing
     python scripts/reproduce_fmnist.py --preset cpu --only simclr-fixed-0.2 train.epochs=1   # a subset, overridden
 
@@ -25,7 +26,7 @@ Runs (one backbone, budget and seed set per preset; the preset's two configs hol
     simclr-conditional-dro          TempNet-style τ head trained by the robust objective
     simclr-adaptive                 MACL's alignment-following τ, τ_0 = 0.2
     simclr-dcl-fixed-0.2            decoupled NT-Xent (DCL), fixed τ 0.2
-    mocov2-fixed-0.2, mocov2-learnable-log
+    mocov2-fixed-0.2, mocov2-learnable-log, mocov2-learnable-log-bounded
     simclr-fixed-0.2-outbn          a recipe row: fixed 0.2 with an affine output BatchNorm in the projection head
     simclr-learnable-log-bounded-outbn   the bounded learnable τ on that head
     simclr-dcl-<mode>, mocov2-<mode>   derived from ``--best-learned simclr-<mode>``: its overrides with
@@ -96,6 +97,8 @@ from study_tables import (FIGURES, LINEAR, RANKME, REFERENCE, TAU_STATS, aggrega
                           verdict, vs_best_fixed, vs_best_fixed_table, vs_references, vs_references_table)
 
 LEARNABLE = ["temperature.mode=learnable", "temperature.init=0.2"]
+BOUNDED = LEARNABLE + ["temperature.parametrization=log", "temperature.tau_min=0.05", "temperature.tau_max=1.0"]
+OUT_BN = ["model.proj_out_bn=affine"]  # lightly's affine output BatchNorm in the projection head
 DRO = ["temperature.mode=dro", "temperature.init=0.2"]
 RUNS: Dict[str, Dict[str, Any]] = {
     # 0.05: where the bounded learnable τ ends (its floor), the constant a learned τ must beat to count as learned
@@ -108,8 +111,7 @@ RUNS: Dict[str, Dict[str, Any]] = {
     "simclr-learnable-softplus": {"method": "simclr", "overrides": LEARNABLE + ["temperature.parametrization=softplus"]},
     "simclr-learnable-relu": {"method": "simclr", "overrides": LEARNABLE + ["temperature.parametrization=relu"]},
     # the unbounded learnable τ falls to ~0.01 within an epoch (round one); the conditional τ's bounds
-    "simclr-learnable-log-bounded": {"method": "simclr", "overrides": LEARNABLE + [
-        "temperature.parametrization=log", "temperature.tau_min=0.05", "temperature.tau_max=1.0"]},
+    "simclr-learnable-log-bounded": {"method": "simclr", "overrides": BOUNDED},
     "simclr-conditional": {"method": "simclr", "overrides": ["temperature.mode=conditional", "temperature.init=0.2",
                                                              "temperature.tau_min=0.05", "temperature.tau_max=1.0"]},
     "simclr-cosine": {"method": "simclr", "overrides": ["temperature.mode=scheduled", "temperature.schedule.kind=cosine",
@@ -139,13 +141,14 @@ RUNS: Dict[str, Dict[str, Any]] = {
     # the main job took up after round two had started (issue 20: +0.37 kNN k=20 over epochs 1-6, one seed);
     # paired with fixed 0.2 it measures that head change with the study's seeds
     "simclr-fixed-0.2-outbn": {"method": "simclr", "overrides": ["temperature.mode=fixed", "temperature.init=0.2",
-                                                                 "model.proj_out_bn=affine"]},
+                                                                 *OUT_BN]},
     "mocov2-learnable-log": {"method": "mocov2", "overrides": LEARNABLE + ["temperature.parametrization=log"]},
+    # round two's derived MoCo v2 run of the best learned mode (--best-learned simclr-learnable-log-bounded), named
+    # so that --only can run it alone (the 24-epoch runs of the settings below raw pixels at 6 epochs)
+    "mocov2-learnable-log-bounded": {"method": "mocov2", "overrides": BOUNDED},
     # the bounded learnable τ (round two's best kNN mode) on the recipe row's head: the 24-epoch comparison
     # (preset cpu2-long) pairs it with simclr-fixed-0.2-outbn, so that only τ differs between the two
-    "simclr-learnable-log-bounded-outbn": {"method": "simclr", "overrides": LEARNABLE + [
-        "temperature.parametrization=log", "temperature.tau_min=0.05", "temperature.tau_max=1.0",
-        "model.proj_out_bn=affine"]},
+    "simclr-learnable-log-bounded-outbn": {"method": "simclr", "overrides": BOUNDED + OUT_BN},
 }
 SPREAD_RUNS = ["simclr-fixed-0.2", "simclr-learnable-log"]
 
@@ -419,21 +422,44 @@ def reference_job(args: argparse.Namespace, jobs: List[Job]) -> Optional[Job]:
     """The run whose directory holds the random-init baseline (its config.yaml gives the architecture, the
     baseline's json files go into its eval/): the reference setting's first seed, when this invocation plans it
     or an earlier one left its directory (so that a study run in parts, ``--only`` by ``--only``, evaluates the
-    baseline once and keeps it in one place); else the first SimCLR run."""
-    planned = [j for j in jobs if j.name == args.reference]
+    baseline once and keeps it in one place); else the first SimCLR run. A run restored from an archive without
+    the random-init results cannot host them (``--random-init`` builds the encoder from the exported encoder's
+    metadata, and a restored run has no weights): it is passed over. Where an earlier invocation evaluated the
+    baseline already (in another run, for that reason), it stays: a run directory of the study that holds its
+    results comes first, the reference's before the others."""
+    out, prefix = Path(args.out), f"{args.reference}-s"
+    held = [d for d in (sorted(out.iterdir()) if out.is_dir() else [])
+            if not d.name.startswith("ood-") and (d / "config.yaml").is_file() and has_random_init(d)]
+    if held:
+        d = min(held, key=lambda d: not d.name.startswith(prefix))
+        name, _, seed = d.name.rpartition("-s")
+        job = next((j for j in jobs if j.run_dir == d), None)
+        return job or Job(name, int(seed) if seed.isdigit() else 0, d, RUNS.get(name, {}).get("method", "simclr"))
+    planned = [j for j in jobs if j.name == args.reference and can_host_random_init(j.run_dir)]
     if planned:
         return min(planned, key=lambda j: j.seed)
-    prefix = f"{args.reference}-s"
-    earlier = sorted(int(d.name[len(prefix):]) for d in Path(args.out).glob(f"{prefix}*")
-                     if d.name[len(prefix):].isdigit() and (d / "config.yaml").is_file())
+    earlier = sorted(int(d.name[len(prefix):]) for d in out.glob(f"{prefix}*")
+                     if d.name[len(prefix):].isdigit() and (d / "config.yaml").is_file() and can_host_random_init(d))
     if earlier:
         return Job(args.reference, earlier[0], Path(args.out) / f"{prefix}{earlier[0]}")
-    return next((j for j in jobs if j.method == "simclr"), None)
+    return next((j for j in jobs if j.method == "simclr" and can_host_random_init(j.run_dir)), None)
+
+
+def can_host_random_init(run_dir: Path) -> bool:
+    """Whether the random-init baseline can be (or was) evaluated in ``run_dir``: it holds the baseline's results,
+    or its encoder, or will have one (not pretrained yet; a restored run is finished and has no weights)."""
+    return has_random_init(run_dir) or (run_dir / "encoder.safetensors").is_file() or not (
+        run_dir / "summary.json").is_file()
+
+
+def has_random_init(run_dir: Path) -> bool:
+    """Whether the random-init baseline's kNN and linear-probe results are in ``run_dir``/eval."""
+    return all((run_dir / "eval" / f"{sub}_random_init.json").is_file() for sub in ("knn", "linear"))
 
 
 def baseline_steps(args: argparse.Namespace, jobs: List[Job]) -> Tuple[List[Step], List[Step]]:
     """(raw pixels, random-init encoder) steps, kNN + linear each (and, with the OOD block, the pixels' OOD
-    scores on the same held-out classes). The random-init ones read the reference run's config.yaml and write
+    scores on the same held-out classes). The random-init ones read the reference run's encoder metadata and write
     eval/knn_random_init.json, linear_random_init.json next to its own results."""
     config = str(REPO / PRESETS[args.preset]["simclr"])
     pix = Path(args.out) / "baselines" / "pixels"

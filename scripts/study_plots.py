@@ -146,6 +146,14 @@ def _grid(n: int, width: float, height: float, sharex: bool = True) -> Tuple[Any
     return fig, flat[:n]
 
 
+def _suptitle(fig: Any, text: str, fontsize: float = 11) -> None:
+    """``fig.suptitle(text)``, each line wrapped to the figure's width (a one-panel figure is ~5 inches wide, and
+    an unwrapped title runs off both sides). Width per character: ~0.6 em of the font, a DejaVu Sans average."""
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
+    lines = [wrapped for line in text.split("\n") for wrapped in (textwrap.wrap(line, chars) or [""])]
+    fig.suptitle("\n".join(lines), fontsize=fontsize)
+
+
 def _panel_legend(ax: Any) -> None:
     """The panel's own legend below its axes (its colours are the panel's), out of the way of the curves."""
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, fontsize=8, frameon=False)
@@ -214,9 +222,8 @@ def plot_knn_bands(bands: Sequence[SeedBand], groups: Mapping[str, str], path: P
         ax.set_ylabel("top-1 accuracy (%)")
         ax.grid(alpha=0.3)
         _panel_legend(ax)
-    fig.suptitle(f"{knn_label(key)} top-1 vs epoch: line = mean over seeds, band = {SPREADS[spread]} "
-                 "(none for one seed)"
-                 + (f"\n{note}" if note else ""), fontsize=11)
+    _suptitle(fig, f"{knn_label(key)} top-1 vs epoch: line = mean over seeds, band = {SPREADS[spread]} "
+              "(none for one seed)" + (f"\n{note}" if note else ""))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -304,8 +311,7 @@ def plot_tau_curves(curves: Sequence[TauCurve], groups: Mapping[str, str], path:
         ax.tick_params(labelbottom=True)
         ax.grid(alpha=0.3, which="both" if scale == "log" else "major")
         _panel_legend(ax)
-    fig.suptitle("τ vs step of the settings whose τ moves (lowest seed of each; band: per-sample τ quantiles)",
-                 fontsize=11)
+    _suptitle(fig, "τ vs step of the settings whose τ moves (lowest seed of each; band: per-sample τ quantiles)")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -393,9 +399,7 @@ def plot_paired_forest(diffs: Sequence[Mapping[str, Any]], metrics: Sequence[str
     title = f"paired difference to {reference} on the seeds both ran"
     notes = ([f"not drawn, no seed in common with the reference: {', '.join(nowhere)}"] if nowhere else []) + (
         [f"not drawn in one panel, no common seed with that metric yet: {'; '.join(partly)}"] if partly else [])
-    if notes:
-        title = "\n".join([title, *[line for note in notes for line in textwrap.wrap(note, 110)]])
-    fig.suptitle(title, fontsize=10)
+    _suptitle(fig, "\n".join([title, *notes]), fontsize=10)
     _legend_below(fig, handles, [h.get_label() for h in handles])
     return _save(fig, path)
 

@@ -320,6 +320,40 @@ def test_random_init_baseline_stays_with_the_reference_run_across_partial_invoca
     (tmp_path / "simclr-fixed-0.2-s0").mkdir()  # started? no config.yaml yet: not a run directory
     assert ref_dir("--only", "mocov2-fixed-0.2", "simclr-conditional") == "simclr-fixed-0.2-s1"  # an earlier one's
     assert ref_dir("--only", "simclr-fixed-0.2", "simclr-conditional") == "simclr-fixed-0.2-s0"  # planned: first seed
+    # seed 0 restored from an archive (finished, no weights, no random-init results): it cannot host the baseline
+    (tmp_path / "simclr-fixed-0.2-s0" / "config.yaml").write_text("{}")
+    (tmp_path / "simclr-fixed-0.2-s0" / "summary.json").write_text("{}")
+    assert ref_dir("--only", "simclr-fixed-0.2", "simclr-conditional") == "simclr-fixed-0.2-s1"
+    assert ref_dir("--only", "mocov2-fixed-0.2", "simclr-conditional") == "simclr-fixed-0.2-s1"
+    # ... unless it was restored with the baseline's results (archived by the run that evaluated them)
+    for sub in ("knn", "linear"):
+        (tmp_path / "simclr-fixed-0.2-s0" / "eval").mkdir(exist_ok=True)
+        (tmp_path / "simclr-fixed-0.2-s0" / "eval" / f"{sub}_random_init.json").write_text("{}")
+    assert ref_dir("--only", "simclr-fixed-0.2", "simclr-conditional") == "simclr-fixed-0.2-s0"
+    # every reference run restored without weights: the first SimCLR run that will have an encoder
+    for d in ("simclr-fixed-0.2-s0", "simclr-fixed-0.2-s1", "simclr-fixed-0.2-s3"):
+        for f in (tmp_path / d / "eval").glob("*_random_init.json"):
+            f.unlink()
+        (tmp_path / d / "summary.json").write_text("{}")
+    # the first planned seed not pretrained yet (seed 2 has no directory) ...
+    assert ref_dir("--only", "simclr-fixed-0.2", "simclr-conditional") == "simclr-fixed-0.2-s2"
+    # ... and with none left to pretrain, the first SimCLR run that will have an encoder
+    assert ref_dir("--only", "simclr-fixed-0.2", "simclr-conditional", "--seeds", "0", "1",
+                   "--spread-seeds") == "simclr-conditional-s0"
+    # where an earlier invocation evaluated it (in another run, the reference having no weights) it stays there,
+    # whatever this invocation plans; a reference run holding it would come first
+    other = tmp_path / "simclr-learnable-log-bounded-s0"
+    (other / "eval").mkdir(parents=True)
+    (other / "config.yaml").write_text("{}")
+    (other / "summary.json").write_text("{}")
+    for sub in ("knn", "linear"):
+        (other / "eval" / f"{sub}_random_init.json").write_text("{}")
+    assert ref_dir("--only", "simclr-fixed-0.2", "simclr-conditional") == "simclr-learnable-log-bounded-s0"
+    assert ref_dir("--only", "mocov2-fixed-0.2") == "simclr-learnable-log-bounded-s0"
+    for sub in ("knn", "linear"):
+        (tmp_path / "simclr-fixed-0.2-s3" / "eval").mkdir(exist_ok=True)
+        (tmp_path / "simclr-fixed-0.2-s3" / "eval" / f"{sub}_random_init.json").write_text("{}")
+    assert ref_dir("--only", "simclr-conditional") == "simclr-fixed-0.2-s3"
 
 
 def test_cpu2_ood_block_pretrains_on_eight_classes_then_scores_each_run(tmp_path) -> None:

@@ -102,8 +102,9 @@ def test_setting_group_sorts_every_study_setting_into_its_family() -> None:
         sp.PER_SAMPLE: ["simclr-conditional", "simclr-dro-per-sample", "simclr-dro-per-sample-sogclr",
                         "simclr-dro-per-sample-rho1", "simclr-dro-per-sample-sogclr-rho1", "simclr-conditional-dro"],
         sp.SCHEDULED: ["simclr-cosine", "simclr-adaptive"],
-        sp.OTHER: ["simclr-dcl-fixed-0.2", "mocov2-fixed-0.2", "mocov2-learnable-log", "simclr-dcl-conditional",
-                   "mocov2-conditional", "simclr-fixed-0.2-outbn", "simclr-learnable-log-bounded-outbn"],
+        sp.OTHER: ["simclr-dcl-fixed-0.2", "mocov2-fixed-0.2", "mocov2-learnable-log", "mocov2-learnable-log-bounded",
+                   "simclr-dcl-conditional", "mocov2-conditional", "simclr-fixed-0.2-outbn",
+                   "simclr-learnable-log-bounded-outbn"],
     }
     assert sorted(n for names in expected.values() for n in names) == sorted(specs)
     for group, names in expected.items():
@@ -198,6 +199,23 @@ def test_plot_knn_bands_draws_a_panel_per_family_with_the_reference_and_pixels_i
     assert "simclr-fixed-0.5 (seed 0)" in _legend(axes[0])
     assert "band = min–max over seeds (none for one seed)" in figures[0]._suptitle.get_text()
     assert sp.plot_knn_bands([], groups, tmp_path / "none.png", OK20) is None and not (tmp_path / "none.png").exists()
+
+
+def test_plot_titles_are_wrapped_to_stay_inside_a_one_panel_figure(tmp_path, figures) -> None:
+    # one family (the 24-epoch study's two settings): a figure one panel wide, and the longest titles
+    bands = [sp.seed_band("simclr-fixed-0.2", THREE), sp.seed_band("simclr-learnable-log", {0: THREE[1]})]
+    groups = {"simclr-fixed-0.2": sp.OTHER, "simclr-learnable-log": sp.OTHER}
+    note = "online kNN on a bank of 10000 training images; the raw-pixel line is the offline kNN on all 60000"
+    sp.plot_knn_bands(bands, groups, tmp_path / "k.png", OK20, pixels=85.69, note=note)
+    sp.plot_tau_curves([sp.TauCurve("simclr-learnable-log", 0, [0, 1], [0.2, 0.05], None, None, "scalar")],
+                       {"simclr-learnable-log": sp.OTHER}, tmp_path / "t.png")
+    for fig in figures:
+        title = fig._suptitle
+        fig.canvas.draw()
+        box, page = title.get_window_extent(), fig.bbox
+        assert page.x0 <= box.x0 and box.x1 <= page.x1, (title.get_text(), box, page)
+        assert "\n" in title.get_text()  # it did need wrapping
+    assert "band = min–max over seeds" in figures[0]._suptitle.get_text().replace("\n", " ")
 
 
 def test_plot_tau_curves_uses_a_log_axis_only_where_tau_spans_a_decade(tmp_path, figures) -> None:

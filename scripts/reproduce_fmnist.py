@@ -418,38 +418,32 @@ def complete(job: Job) -> bool:
     return not pending_steps(job.steps)
 
 
-def reference_job(args: argparse.Namespace, jobs: List[Job]) -> Optional[Job]:
-    """The run whose directory holds the random-init baseline (its config.yaml gives the architecture, the
-    baseline's json files go into its eval/): the reference setting's first seed, when this invocation plans it
-    or an earlier one left its directory (so that a study run in parts, ``--only`` by ``--only``, evaluates the
-    baseline once and keeps it in one place); else the first SimCLR run. A run restored from an archive without
-    the random-init results cannot host them (``--random-init`` builds the encoder from the exported encoder's
-    metadata, and a restored run has no weights): it is passed over. Where an earlier invocation evaluated the
-    baseline already (in another run, for that reason), it stays: a run directory of the study that holds its
-    results comes first, the reference's before the others."""
+def random_init_dir(args: argparse.Namespace, jobs: List[Job]) -> Optional[Path]:
+    """The run directory that holds the random-init baseline (``--random-init`` reads the architecture from its
+    exported encoder's metadata; the baseline's json files go into its eval/). In order: a run of the study that
+    holds the results already (an earlier invocation evaluated them there; the reference's runs first), so that a
+    study run in parts, ``--only`` by ``--only``, evaluates the baseline once and keeps it in one place; the
+    reference setting's first seed that this invocation plans, else that an earlier one left; else the first
+    SimCLR run. A run restored from an archive has no weights and cannot host it: it is passed over."""
     out, prefix = Path(args.out), f"{args.reference}-s"
     held = [d for d in (sorted(out.iterdir()) if out.is_dir() else [])
             if not d.name.startswith("ood-") and (d / "config.yaml").is_file() and has_random_init(d)]
     if held:
-        d = min(held, key=lambda d: not d.name.startswith(prefix))
-        name, _, seed = d.name.rpartition("-s")
-        job = next((j for j in jobs if j.run_dir == d), None)
-        return job or Job(name, int(seed) if seed.isdigit() else 0, d, RUNS.get(name, {}).get("method", "simclr"))
+        return min(held, key=lambda d: not d.name.startswith(prefix))
     planned = [j for j in jobs if j.name == args.reference and can_host_random_init(j.run_dir)]
     if planned:
-        return min(planned, key=lambda j: j.seed)
+        return min(planned, key=lambda j: j.seed).run_dir
     earlier = sorted(int(d.name[len(prefix):]) for d in out.glob(f"{prefix}*")
                      if d.name[len(prefix):].isdigit() and (d / "config.yaml").is_file() and can_host_random_init(d))
     if earlier:
-        return Job(args.reference, earlier[0], Path(args.out) / f"{prefix}{earlier[0]}")
-    return next((j for j in jobs if j.method == "simclr" and can_host_random_init(j.run_dir)), None)
+        return out / f"{prefix}{earlier[0]}"
+    return next((j.run_dir for j in jobs if j.method == "simclr" and can_host_random_init(j.run_dir)), None)
 
 
 def can_host_random_init(run_dir: Path) -> bool:
-    """Whether the random-init baseline can be (or was) evaluated in ``run_dir``: it holds the baseline's results,
-    or its encoder, or will have one (not pretrained yet; a restored run is finished and has no weights)."""
-    return has_random_init(run_dir) or (run_dir / "encoder.safetensors").is_file() or not (
-        run_dir / "summary.json").is_file()
+    """Whether the random-init baseline can be evaluated in ``run_dir``: it holds its encoder, or will (not
+    pretrained yet; a run restored from an archive is finished and has no weights)."""
+    return (run_dir / "encoder.safetensors").is_file() or not (run_dir / "summary.json").is_file()
 
 
 def has_random_init(run_dir: Path) -> bool:
@@ -469,10 +463,10 @@ def baseline_steps(args: argparse.Namespace, jobs: List[Job]) -> Tuple[List[Step
         pix_ood, classes = pixel_ood_dir(args), ",".join(map(str, PRESETS[args.preset]["ood"]["classes"]))
         pixels.append(Step(python_cmd("ood", "pixels", "--config", config, f"data.classes=[{classes}]", *args.overrides,
                                       "--out", str(pix_ood), "--no-progress"), pix_ood / "ood.json"))
-    ref = reference_job(args, jobs)
+    ref = random_init_dir(args, jobs)
     random_init = [] if ref is None else [
-        Step(python_cmd(sub, str(ref.run_dir), "--random-init", "--no-progress"),
-             ref.run_dir / "eval" / f"{sub}_random_init.json") for sub in ("knn", "linear")]
+        Step(python_cmd(sub, str(ref), "--random-init", "--no-progress"),
+             ref / "eval" / f"{sub}_random_init.json") for sub in ("knn", "linear")]
     return pixels, random_init
 
 
@@ -582,9 +576,9 @@ def baseline_rows(args: argparse.Namespace, jobs: List[Job]) -> List[Dict[str, A
         if (pix / name).is_file():
             metrics.update(json.loads((pix / name).read_text())["metrics"])
     rows = [{"run": "raw pixels", **metrics}]
-    ref = reference_job(args, jobs)
-    if ref is not None and (ref.run_dir / "summary.json").is_file():
-        final = load_run_dir(ref.run_dir).final
+    ref = random_init_dir(args, jobs)
+    if ref is not None and (ref / "summary.json").is_file():
+        final = load_run_dir(ref).final
         rows.append({"run": "random-init encoder",
                      **_renamed(final, {"knn_random_init/": "knn/", "linear_random_init/": "linear/"})})
     return rows
@@ -735,7 +729,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             futures.append(pool.submit(pipeline, "baselines", pixel_steps, []))
         ok = [f.result() for f in futures]
     if random_steps:  # after the pool: they need the reference run's directory
-        ok.append(pipeline("baselines", random_steps, [reference_job(args, jobs).label]))
+        ok.append(pipeline("baselines", random_steps, [random_init_dir(args, jobs).name]))
     report = with_earlier_runs(args, study)  # after the pool: what finished meanwhile elsewhere counts too
     finished = [j for j in report.jobs if evaluated(j)]
     if finished:

@@ -274,7 +274,7 @@ def test_cpu2_long_runs_the_recipe_row_and_the_bounded_learned_tau_at_24_epochs_
         assert (cfg.train.epochs, cfg.eval.online_knn_every) == (24, 4)
         assert cfg.train.max_steps == 3  # the command line's overrides follow the preset's
     # the random-init baseline sits with the preset's reference, not with a simclr-fixed-0.2 run
-    assert mod.reference_job(args, study.jobs).run_dir == tmp_path / "simclr-fixed-0.2-outbn-s0"
+    assert mod.random_init_dir(args, study.jobs) == tmp_path / "simclr-fixed-0.2-outbn-s0"
     # the default presets keep fixed 0.2 as their reference and add no overrides
     cpu2 = mod.parse_args(["--preset", "cpu2", "train.epochs=1"])
     assert (cpu2.reference, cpu2.overrides) == ("simclr-fixed-0.2", ["train.epochs=1"])
@@ -308,8 +308,8 @@ def test_random_init_baseline_stays_with_the_reference_run_across_partial_invoca
         args = mod.parse_args(["--preset", "cpu2", "--out", str(tmp_path), *argv])
         study = mod.plan(args)
         _, random_init = mod.baseline_steps(args, study.jobs)
-        assert {s.output.parent.parent for s in random_init} == {mod.reference_job(args, study.jobs).run_dir}
-        return mod.reference_job(args, study.jobs).run_dir.name
+        assert {s.output.parent.parent for s in random_init} == {mod.random_init_dir(args, study.jobs)}
+        return mod.random_init_dir(args, study.jobs).name
 
     assert ref_dir("--only", "simclr-fixed-0.2", "simclr-conditional", "--seeds", "2", "1") == "simclr-fixed-0.2-s1"
     # a part of the study without the reference, and no reference run on disk yet: its first SimCLR run
